@@ -16,6 +16,11 @@ from data_pipeline.typed_config import ConfigError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("data_pipeline.preprocess_cli", "meshes -> watertight SDF samples -> WebDataset shards"),
+    "inspect": ("data_pipeline.inspect_cli", "summarise a shard directory and write a preview PNG"),
+    "train": ("trainer.train_cli", "train a VAE or a DiT from a YAML config"),
+    "sample": ("trainer.sample_cli", "sample meshes from a DiT checkpoint"),
+    "eval": ("trainer.eval_cli", "VAE reconstruction metrics on a shard set"),
+    "export": ("trainer.export_cli", "consolidate a (sharded) checkpoint into one safetensors file"),
     "demo": ("trainer.demo", "run the whole pipeline on the bundled meshes"),
 }
 
