@@ -109,8 +109,8 @@ def test_truncated_sdf_regression_and_bce():
     assert float(perfect["recon"]) == 0.0
     off = obj.sdf_regression_loss(target + 0.5, sdf, 0.05)
     assert math.isclose(float(off["mse"]), 0.25, rel_tol=1e-6) and math.isclose(float(off["l1"]), 0.5, rel_tol=1e-6)
-    good = obj.occupancy_bce_loss(torch.tensor([10.0, -10.0]), torch.tensor([-0.1, 0.1]))
-    bad = obj.occupancy_bce_loss(torch.tensor([-10.0, 10.0]), torch.tensor([-0.1, 0.1]))
+    good = obj.occupancy_bce_loss(torch.tensor([10.0, -10.0]), torch.tensor([-0.1, 0.1]) < 0)
+    bad = obj.occupancy_bce_loss(torch.tensor([-10.0, 10.0]), torch.tensor([-0.1, 0.1]) < 0)
     assert float(good["recon"]) < 1e-3 < 5.0 < float(bad["recon"])
 
 

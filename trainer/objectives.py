@@ -130,10 +130,9 @@ def sdf_regression_loss(pred: Tensor, sdf: Tensor, tau: float) -> dict[str, Tens
     return {"recon": mse + l1, "mse": mse, "l1": l1}
 
 
-def occupancy_bce_loss(logits: Tensor, sdf: Tensor) -> dict[str, Tensor]:
-    """BCE with occupancy = sdf < 0; the network outputs inside-logits (positive = inside)."""
-    occ = (sdf < 0).float()
-    bce = F.binary_cross_entropy_with_logits(logits.float(), occ)
+def occupancy_bce_loss(logits: Tensor, inside: Tensor) -> dict[str, Tensor]:
+    """BCE against occupancy labels ``inside`` (bool, e.g. ``sdf < 0``); logits are positive inside."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), inside.float())
     return {"recon": bce, "bce": bce}
 
 

@@ -1,0 +1,190 @@
+"""Checkpoints: atomic, rotated, resumable.
+
+Layout under ``run.dir/checkpoints/``::
+
+    step_00000100/            one complete checkpoint
+        model.pt optimizer.pt scheduler.pt ema.pt   (written by the engine: its native format)
+        rank_00000.pt ...     per-rank RNG states (torch, numpy, python, cuda) and loader cursor
+        config.yaml           the resolved config
+        meta.json             step, world size, MLflow run id, metric, extra state, file list -- written LAST
+    latest                    text file naming the newest complete checkpoint
+    .tmp-step_00000200/       a checkpoint being written (never read)
+
+A checkpoint is written into a temporary directory and renamed into place, so a crash leaves either
+the old state or a ``.tmp-`` directory. ``meta.json`` lists every file; a directory whose meta.json is
+missing or whose files are not all present is incomplete and ignored by ``resume=auto``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.typed_config import save_config
+
+from .ema import EMA
+from .engine import Engine
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+# ---------------------------------------------------------------------------
+# RNG state of this process
+# ---------------------------------------------------------------------------
+
+def capture_rng() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------
+# Finding checkpoints
+# ---------------------------------------------------------------------------
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """meta.json of a complete checkpoint directory, else None."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        return None
+    if not meta.get("complete") or not all((path / f).exists() for f in meta.get("files", [])):
+        return None
+    return meta
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and read_meta(p) is not None]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint named by ``latest`` if complete, else the newest complete one."""
+    pointer = root / LATEST
+    if pointer.exists():
+        candidate = root / pointer.read_text().strip()
+        if read_meta(candidate) is not None:
+            return candidate
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def resolve_resume(root: Path, resume: str) -> Path | None:
+    """``auto``: the latest complete checkpoint (None for a fresh run); ``never``: None; else that path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if read_meta(path) is None:
+        raise FileNotFoundError(f"run.resume: {path} is not a complete checkpoint (no valid {META})")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(engine: Engine, root: Path, step: int, *, ema: EMA | None, loader_state: Any,
+                    config: Any, meta_extra: dict[str, Any], metric: float | None, keep_last: int) -> Path:
+    """Write a complete checkpoint for ``step`` (collective: every rank calls it)."""
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if engine.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    engine.barrier()
+    files = engine.save_state(tmp, ema)
+    torch.save({"rng": capture_rng(), "loader": loader_state}, tmp / rank_file(engine.rank))
+    files += [rank_file(r) for r in range(engine.world_size)] + ["config.yaml"]
+    engine.barrier()
+    if engine.is_main:
+        save_config(config, tmp / "config.yaml")
+        meta = {"complete": True, "step": step, "world_size": engine.world_size, "strategy": engine.strategy,
+                "metric": metric, "files": files, **meta_extra}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. the final step equals a periodic one)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_text_atomic(root / LATEST, final.name)
+        rotate(root, keep_last)
+    engine.barrier()
+    return final
+
+
+def rotate(root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last`` and the best (lowest metric)."""
+    done = complete_checkpoints(root)
+    keep = set(done[-keep_last:])
+    scored = [(read_meta(p)["metric"], p) for p in done if read_meta(p)["metric"] is not None]
+    if scored:
+        keep.add(min(scored, key=lambda mp: mp[0])[1])
+    removed = [p for p in done if p not in keep]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+def load_checkpoint(engine: Engine, path: Path, *, ema: EMA | None) -> tuple[dict[str, Any], Any]:
+    """Restore engine state, EMA and this rank's RNG; returns (meta, this rank's loader state)."""
+    meta = read_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint")
+    engine.load_state(path, ema)
+    own = path / rank_file(engine.rank)
+    if meta["world_size"] == engine.world_size and own.exists():
+        per_rank = torch.load(own, weights_only=False)
+        restore_rng(per_rank["rng"])
+        return meta, per_rank["loader"]
+    # A different number of ranks: RNG streams cannot be mapped one to one, and a per-rank loader
+    # cursor does not apply to another split; the loop reseeds and the loader starts a new pass.
+    return meta, None

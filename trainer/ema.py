@@ -1,0 +1,51 @@
+"""Exponential moving average of the trainable weights, kept in fp32.
+
+The EMA holds one fp32 copy per *local* parameter tensor, keyed by parameter name, and updates all
+of them with one fused ``torch._foreach_lerp_``. Under a sharded strategy the local tensors are the
+rank's shards, so the update needs no communication; under DDP (or one process) they are full tensors.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a parameter (a DTensor's shard, or the tensor itself)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class EMA:
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], decay: float):
+        pairs = [(name, p) for name, p in named_params if p.requires_grad]
+        self.decay = decay
+        self.names = [name for name, _ in pairs]
+        self.params = [p for _, p in pairs]
+        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param."""
+        current = [_local(p).detach().float() for p in self.params]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """{parameter name: fp32 tensor}; usable as a (partial) model state dict."""
+        return {name: t.clone() for name, t in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]}")
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state[name].to(self.shadow[i].device, torch.float32))
+
+    @torch.no_grad()
+    def copy_to(self, named_params: Iterable[tuple[str, nn.Parameter]]) -> None:
+        """Write the averaged weights into parameters with the same names (e.g. an evaluation copy)."""
+        by_name = dict(zip(self.names, self.shadow))
+        for name, p in named_params:
+            if name in by_name:
+                _local(p).copy_(by_name[name].to(p.dtype))

@@ -1,0 +1,257 @@
+"""The one seam between the training loop and torch.distributed (and, later, DeepSpeed / FSDP2).
+
+The loop only calls :class:`Engine` methods: ``prepare``, ``autocast``, ``backward``, ``step``,
+``zero_grad``, ``save_state``/``load_state``, ``all_reduce_mean``, ``gather_objects``, ``barrier``.
+Which strategy runs behind them is a config choice (``engine.strategy``); today ``ddp`` (which is
+also the single process), the scale-out issue adds ``deepspeed`` and ``fsdp2`` here and nowhere else.
+
+Launchers are detected from the environment: a plain ``python``/``shapeflow`` process, ``torchrun``
+(TORCHELASTIC_RUN_ID) and ``accelerate launch`` (ACCELERATE_* variables) all pass RANK / WORLD_SIZE /
+MASTER_ADDR the same way, so one ``env://`` initialisation serves all three. After initialisation the
+engine checks that the process group really has WORLD_SIZE distinct ranks (accelerate on CPU can
+otherwise silently run every process as rank 0 of 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import EngineConfig, SUPPORTED_STRATEGIES
+from .ema import EMA
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class DistributedSetupError(RuntimeError):
+    """The launcher's environment and the process group disagree."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    launcher: str          # single | torchrun | accelerate
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def detect_launch(env: dict[str, str] | None = None) -> Launch:
+    env = dict(os.environ if env is None else env)
+    if any(key.startswith("ACCELERATE_") for key in env):
+        launcher = "accelerate"
+    elif "TORCHELASTIC_RUN_ID" in env or "RANK" in env:
+        launcher = "torchrun"
+    else:
+        launcher = "single"
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local = int(env.get("LOCAL_RANK", str(rank)))
+    if not 0 <= rank < world:
+        raise DistributedSetupError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return Launch(launcher, rank, local, world)
+
+
+def accelerate_strategy(env: dict[str, str] | None = None) -> str | None:
+    """The strategy an ``accelerate launch`` config asks for through its environment, if any."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp2"
+    return None
+
+
+def _pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _init_process_group(launch: Launch, device: torch.device, cfg: EngineConfig) -> None:
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
+                            world_size=launch.world_size, timeout=timeout)
+    if dist.get_world_size() != launch.world_size:
+        raise DistributedSetupError(
+            f"process group has {dist.get_world_size()} processes but WORLD_SIZE={launch.world_size}")
+    ranks = [None] * launch.world_size
+    dist.all_gather_object(ranks, dist.get_rank())
+    if sorted(ranks) != list(range(launch.world_size)):
+        raise DistributedSetupError(f"ranks {ranks} are not 0..{launch.world_size - 1}: "
+                                    "the launcher started processes that do not see each other")
+
+
+class Engine:
+    """DDP over torch.distributed, or a plain module when there is one process."""
+
+    strategy = "ddp"
+
+    def __init__(self, cfg: EngineConfig, precision: str = "fp32"):
+        self.cfg = cfg
+        self.precision = precision
+        self.launch = detect_launch()
+        self.device = _pick_device(self.launch.local_rank)
+        self.distributed = self.launch.world_size > 1
+        if self.distributed and not dist.is_initialized():
+            _init_process_group(self.launch, self.device, cfg)
+        self.model: nn.Module | None = None           # what forward() is called on
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    # -- identity -------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- setup ----------------------------------------------------------
+    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory,
+                make_scheduler: SchedulerFactory) -> nn.Module:
+        """Move, wrap and build the optimiser; returns the module to call for the forward pass."""
+        model = model.to(self.device)
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.scheduler = make_scheduler(self.optimizer)
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        return model
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (for EMA, evaluation and state dicts)."""
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def named_local_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters as this rank holds them (full tensors under DDP, shards under sharded strategies)."""
+        return self.module.named_parameters()
+
+    def make_ema(self, decay: float) -> EMA:
+        return EMA(self.named_local_parameters(), decay)
+
+    # -- one optimiser step ---------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around forward + loss; parameters and optimiser state stay fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def accumulate(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step's forward + backward: gradients are all-reduced only when ``sync``."""
+        if sync or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, clip_norm: float) -> tuple[float, bool]:
+        """Clip, check and apply the gradients; returns (gradient norm, whether the step was applied).
+
+        Gradients are already identical on every rank (all-reduced), so every rank takes the same
+        decision for a non-finite norm: the update is skipped and the gradients dropped.
+        """
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = clip_norm if clip_norm > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        finite = bool(torch.isfinite(torch.tensor(norm)))
+        if finite:
+            self.optimizer.step()
+        self.scheduler.step()  # the schedule is a function of the step count, skipped or not
+        self.zero_grad()
+        return norm, finite
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- checkpoint state -------------------------------------------------
+    def save_state(self, directory: Path, ema: EMA | None) -> list[str]:
+        """Write model, optimiser, scheduler (and EMA) into ``directory``; returns the file names.
+
+        DDP replicas are identical, so rank 0 writes full state dicts; sharded strategies write
+        their native per-rank format here instead.
+        """
+        files = ["model.pt", "optimizer.pt", "scheduler.pt"] + (["ema.pt"] if ema else [])
+        if self.is_main:
+            torch.save(self.module.state_dict(), directory / "model.pt")
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+            if ema:
+                torch.save(ema.state_dict(), directory / "ema.pt")
+        return files
+
+    def load_state(self, directory: Path, ema: EMA | None) -> None:
+        load = lambda name: torch.load(directory / name, map_location=self.device, weights_only=True)  # noqa: E731
+        self.module.load_state_dict(load("model.pt"))
+        self.optimizer.load_state_dict(load("optimizer.pt"))
+        self.scheduler.load_state_dict(load("scheduler.pt"))
+        if ema:
+            ema.load_state_dict(load("ema.pt"))
+
+    # -- collectives -------------------------------------------------------
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean of each value over ranks (keys must match on every rank)."""
+        if not self.distributed or not values:
+            return dict(values)
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def create_engine(cfg: EngineConfig, precision: str) -> Engine:
+    """The engine for ``cfg.strategy`` (or for the strategy an accelerate config asks for)."""
+    strategy = accelerate_strategy() or cfg.strategy
+    if strategy not in SUPPORTED_STRATEGIES:
+        from data_pipeline.typed_config import ConfigError
+        raise ConfigError(f"engine.strategy: {strategy!r} is not yet supported "
+                          f"(supported: {', '.join(SUPPORTED_STRATEGIES)})")
+    return Engine(cfg, precision)
