@@ -1,0 +1,314 @@
+"""Per-task transforms: one raw shard sample (bytes) -> arrays -> a collated batch of tensors.
+
+The batch layout is documented in docs/loader.md (the one place). In short, for
+``B`` samples (every tensor is float32 unless stated):
+
+=================  ===================  ==========================================================
+key                shape                 meaning
+=================  ===================  ==========================================================
+surface            [B, N, 3]             surface points (FPS prefix or random subset), normalised
+surface_normal     [B, N, 3]             their unit normals
+sharp              [B, M, 3]             sharp-edge points (only when num_sharp > 0)
+sharp_normal       [B, M, 3]             their normals
+sharp_valid        [B, M] bool           False where a sample had fewer than M sharp points
+query              [B, Q, 3]             vae: num_vol volume + num_near near + num_sharp_near queries
+sdf                [B, Q]                vae: their signed distances (negative inside)
+occ                [B, 1, R, R, R]       vae with occupancy=True: the occupancy grid (1 = inside)
+num_tokens         [] int64              vae with token_cutoffs: latent token count for this batch
+latent             [B, T, C]             dit with use_latents=True: cached latents
+class_id           [B] int64             dit with condition="class"
+condition          [B, ..., D]           dit with condition="embedding": stored embeddings
+center, scale      [B, 3], [B]           original = normalised / scale + center
+valid              [B] bool              False for evaluation padding
+id                 list[str]             sample ids
+=================  ===================  ==========================================================
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+
+from data_pipeline.schema import (
+    SCHEMA_VERSION, dequantize_coords, dequantize_normals, unpack_occupancy,
+)
+from data_pipeline.typed_config import ConfigError, from_dict
+
+LATENT_KEY = "latent.npy"        # cached VAE latents (later schema versions), float16/32 [T, C]
+EMBEDDING_KEY = "embedding.npy"  # stored condition embeddings, float16/32 [..., D]
+
+
+# ---------------------------------------------------------------------------
+# task options (validated: unknown names and wrong types raise ConfigError)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class SurfaceOptions:
+    num_surface: int = 2048                          # N surface points per sample
+    surface_sampling: Literal["fps", "random"] = "fps"  # fps: prefix of the stored FPS order
+    num_sharp: int = 0                               # M sharp-edge points (0: none)
+
+    def __post_init__(self):
+        if self.num_surface < 1 or self.num_sharp < 0:
+            raise ValueError("num_surface must be >= 1 and num_sharp >= 0")
+
+
+@dataclass
+class VaeOptions(SurfaceOptions):
+    num_vol: int = 1024                     # uniform volume queries per sample
+    num_near: int = 1024                    # near-surface queries per sample
+    num_sharp_near: int = 0                 # queries near sharp edges (from near when a sample has none)
+    token_cutoffs: Optional[list[int]] = None  # per-batch latent token count drawn from this list
+    occupancy: bool = False                 # add the occupancy grid (voxel VAE)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if min(self.num_vol, self.num_near, self.num_sharp_near) < 0:
+            raise ValueError("query counts must be >= 0")
+        if self.token_cutoffs is not None and (not self.token_cutoffs or min(self.token_cutoffs) < 1):
+            raise ValueError("token_cutoffs must be a non-empty list of positive ints")
+
+
+@dataclass
+class DitOptions(SurfaceOptions):
+    use_latents: bool = False               # read cached latents (latent.npy) instead of surface points
+    condition: Literal["none", "class", "embedding"] = "none"
+    class_names: Optional[list[str]] = None  # condition="class": id = index of json[class_key] here
+    class_key: str = "class"                # json field holding the class name (or an int id)
+
+
+TASK_OPTIONS = {"vae": VaeOptions, "dit": DitOptions}
+
+
+def parse_task_options(task: str, options: dict[str, Any]):
+    if task not in TASK_OPTIONS:
+        raise ValueError(f"unknown task {task!r} (expected one of {sorted(TASK_OPTIONS)})")
+    try:
+        return from_dict(TASK_OPTIONS[task], dict(options), prefix=f"{task} option ")
+    except ConfigError as err:
+        raise ConfigError(f"make_loader: {err}") from None
+
+
+# ---------------------------------------------------------------------------
+# raw sample -> numpy arrays
+# ---------------------------------------------------------------------------
+
+SURFACE_KEYS = ("surface.npy", "surface_normal.npy", "surface_fps.npy")
+SHARP_KEYS = ("sharp.npy", "sharp_normal.npy", "sharp_fps.npy")
+QUERY_KEYS = ("vol.npy", "vol_sdf.npy", "near.npy", "near_sdf.npy")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used (missing key, wrong dtype, inconsistent sizes)."""
+
+
+def required_keys(task: str, opts) -> tuple[str, ...]:
+    keys = ["json"]
+    if task == "dit" and opts.use_latents:
+        keys.append(LATENT_KEY)
+    else:
+        keys += SURFACE_KEYS
+        if opts.num_sharp:
+            keys += SHARP_KEYS
+    if task == "vae":
+        keys += QUERY_KEYS
+        if opts.occupancy:
+            keys.append("occ.npy")
+    if task == "dit" and opts.condition == "embedding":
+        keys.append(EMBEDDING_KEY)
+    return tuple(keys)
+
+
+def check_keys(raw: dict, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in raw]
+    if missing:
+        raise BadSample(f"sample {raw.get('__key__')!r} lacks {', '.join(missing)}")
+
+
+def load_npy(raw: dict, key: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(raw[key]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise BadSample(f"sample {raw.get('__key__')!r}: {key} is not a valid .npy ({err})") from err
+
+
+def load_meta(raw: dict) -> dict:
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadSample(f"sample {raw.get('__key__')!r}: json is not valid ({err})") from err
+    version = meta.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise BadSample(f"sample {raw.get('__key__')!r}: schema_version {version}, loader reads {SCHEMA_VERSION}")
+    return meta
+
+
+def expect(arr: np.ndarray, dtype: str, ndim: int, raw: dict, key: str) -> np.ndarray:
+    if arr.dtype != np.dtype(dtype) or arr.ndim != ndim or (ndim == 2 and arr.shape[1] != 3):
+        raise BadSample(f"sample {raw.get('__key__')!r}: {key} has dtype {arr.dtype} shape {arr.shape}, "
+                        f"schema v1 wants {dtype} with {ndim} dims")
+    return arr
+
+
+# ---------------------------------------------------------------------------
+# point selection
+# ---------------------------------------------------------------------------
+
+def pick_indices(total: int, count: int, order: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """``count`` indices into ``total`` points: the prefix of ``order`` (FPS) if given, else random.
+
+    An FPS order shorter than ``count`` is continued with random other points;
+    fewer than ``count`` points in all are drawn with replacement.
+    """
+    if order is not None and len(order) >= count:
+        return order[:count]
+    head = np.asarray(order if order is not None else [], dtype=np.int64)
+    rest = np.setdiff1d(np.arange(total), head) if len(head) else np.arange(total)
+    need = count - len(head)
+    tail = rng.choice(rest, need, replace=len(rest) < need) if len(rest) else rng.choice(total, need)
+    return np.concatenate([head, tail]).astype(np.int64)
+
+
+def surface_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    points = expect(load_npy(raw, "surface.npy"), "uint16", 2, raw, "surface.npy")
+    normals = expect(load_npy(raw, "surface_normal.npy"), "int8", 2, raw, "surface_normal.npy")
+    if len(points) == 0 or len(normals) != len(points):
+        raise BadSample(f"sample {raw.get('__key__')!r}: {len(points)} surface points, {len(normals)} normals")
+    use_fps = opts.surface_sampling == "fps"
+    fps = expect(load_npy(raw, "surface_fps.npy"), "int32", 1, raw, "surface_fps.npy") if use_fps else None
+    n, m = opts.num_surface, opts.num_sharp
+    idx = pick_indices(len(points), n + m, fps, rng)  # the extra m fill missing sharp points
+    out = {"surface": dequantize_coords(points[idx[:n]]),
+           "surface_normal": dequantize_normals(normals[idx[:n]])}
+    if m:
+        out.update(sharp_arrays(raw, opts, rng, fill=(points[idx[n:]], normals[idx[n:]])))
+    return out
+
+
+def sharp_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator,
+                 fill: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """M sharp points; a sample with fewer than M is topped up with surface points (sharp_valid False)."""
+    points = expect(load_npy(raw, "sharp.npy"), "uint16", 2, raw, "sharp.npy")
+    normals = expect(load_npy(raw, "sharp_normal.npy"), "int8", 2, raw, "sharp_normal.npy")
+    m = opts.num_sharp
+    have = min(len(points), m)
+    if have:
+        fps = load_npy(raw, "sharp_fps.npy") if opts.surface_sampling == "fps" else None
+        idx = pick_indices(len(points), have, fps, rng)
+        points, normals = points[idx], normals[idx]
+    else:
+        points, normals = points[:0], normals[:0]
+    points = np.concatenate([points, fill[0][: m - have]])
+    normals = np.concatenate([normals, fill[1][: m - have]])
+    return {"sharp": dequantize_coords(points), "sharp_normal": dequantize_normals(normals),
+            "sharp_valid": np.arange(m) < have}
+
+
+def query_subset(raw: dict, key: str, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    points = expect(load_npy(raw, f"{key}.npy"), "uint16", 2, raw, f"{key}.npy")
+    sdf = expect(load_npy(raw, f"{key}_sdf.npy"), "float16", 1, raw, f"{key}_sdf.npy")
+    if len(points) != len(sdf) or (count and len(points) == 0):
+        raise BadSample(f"sample {raw.get('__key__')!r}: {key} has {len(points)} points, {len(sdf)} SDF values")
+    idx = rng.choice(len(points), count, replace=len(points) < count) if count else np.zeros(0, np.int64)
+    return dequantize_coords(points[idx]), sdf[idx].astype(np.float32)
+
+
+def query_arrays(raw: dict, opts: VaeOptions, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    parts = [query_subset(raw, "vol", opts.num_vol, rng), query_subset(raw, "near", opts.num_near, rng)]
+    if opts.num_sharp_near:
+        has_sharp_near = "sharp_near.npy" in raw and "sharp_near_sdf.npy" in raw
+        parts.append(query_subset(raw, "sharp_near" if has_sharp_near else "near", opts.num_sharp_near, rng))
+    return {"query": np.concatenate([p for p, _ in parts]), "sdf": np.concatenate([s for _, s in parts])}
+
+
+def occupancy_array(raw: dict, meta: dict) -> np.ndarray:
+    packed = expect(load_npy(raw, "occ.npy"), "uint8", 1, raw, "occ.npy")
+    res = occupancy_resolution(meta, len(packed))
+    if res is None:
+        raise BadSample(f"sample {raw.get('__key__')!r}: cannot tell the occupancy resolution "
+                        f"({len(packed)} packed bytes, no resolution in json)")
+    return unpack_occupancy(packed, res).astype(np.float32)[None]  # [1, R, R, R]
+
+
+def occupancy_resolution(meta: dict, packed_len: int) -> int | None:
+    for key in ("occ_resolution", "occupancy_resolution"):
+        if isinstance(meta.get(key), int):
+            return meta[key]
+    for section in ("counts", "occupancy"):
+        value = meta.get(section)
+        if isinstance(value, dict):
+            for key in ("occ_resolution", "resolution", "occ"):
+                if isinstance(value.get(key), int):
+                    return value[key]
+    guess = round((packed_len * 8) ** (1 / 3))
+    return guess if (guess ** 3 + 7) // 8 == packed_len else None
+
+
+def condition_arrays(raw: dict, meta: dict, opts: DitOptions) -> dict[str, np.ndarray]:
+    if opts.condition == "class":
+        return {"class_id": np.int64(class_id(raw, meta, opts))}
+    if opts.condition == "embedding":
+        return {"condition": load_npy(raw, EMBEDDING_KEY).astype(np.float32)}
+    return {}
+
+
+def class_id(raw: dict, meta: dict, opts: DitOptions) -> int:
+    value = meta.get(opts.class_key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and opts.class_names is not None:
+        if value not in opts.class_names:
+            raise BadSample(f"sample {raw.get('__key__')!r}: class {value!r} is not in class_names")
+        return opts.class_names.index(value)
+    raise BadSample(f"sample {raw.get('__key__')!r}: condition='class' needs json[{opts.class_key!r}] "
+                    f"(an int, or a name listed in class_names), got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# sample and batch
+# ---------------------------------------------------------------------------
+
+def sample_arrays(raw: dict, task: str, opts, rng: np.random.Generator) -> dict[str, Any]:
+    """Decode one raw sample into float32 arrays for ``task`` (raises BadSample)."""
+    check_keys(raw, required_keys(task, opts))
+    meta = load_meta(raw)
+    out: dict[str, Any] = {"id": str(meta.get("id", raw["__key__"]))}
+    if task == "dit" and opts.use_latents:
+        out["latent"] = load_npy(raw, LATENT_KEY).astype(np.float32)
+    else:
+        out.update(surface_arrays(raw, opts, rng))
+    if task == "vae":
+        out.update(query_arrays(raw, opts, rng))
+        if opts.occupancy:
+            out["occ"] = occupancy_array(raw, meta)
+    else:
+        out.update(condition_arrays(raw, meta, opts))
+    out["center"] = np.asarray(meta.get("center", (0.0, 0.0, 0.0)), dtype=np.float32)
+    out["scale"] = np.float32(meta.get("scale", 1.0))
+    return out
+
+
+def collate(samples: list[dict[str, Any]], valid: list[bool]) -> dict[str, Any]:
+    """Stack per-sample arrays into tensors; ``valid`` marks real (not padding) samples."""
+    batch: dict[str, Any] = {"id": [s["id"] for s in samples]}
+    for key in samples[0]:
+        if key == "id":
+            continue
+        try:
+            batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
+        except ValueError as err:
+            shapes = sorted({np.shape(s[key]) for s in samples})
+            raise BadSample(f"cannot batch {key!r}: shapes differ across samples {shapes} "
+                            f"(ids {batch['id']})") from err
+    batch["valid"] = torch.tensor(valid, dtype=torch.bool)
+    return batch
+
+
+def draw_token_count(opts, rng: np.random.Generator) -> torch.Tensor | None:
+    if getattr(opts, "token_cutoffs", None) is None:
+        return None
+    return torch.tensor(int(rng.choice(opts.token_cutoffs)), dtype=torch.int64)
