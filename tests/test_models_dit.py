@@ -1,0 +1,148 @@
+"""VecSet DiT and voxel DiT: shapes, zero output at init, conditioning modes, CFG null
+condition, activation checkpointing, bf16."""
+import pytest
+import torch
+
+import models
+
+
+def dit_inputs(model, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    if isinstance(cfg, models.VoxelDiTConfig):
+        x = torch.randn(batch, cfg.in_channels, 4, 6, 8, generator=g)  # D != H != W
+    else:
+        x = torch.randn(batch, 24, cfg.in_channels, generator=g)
+    t = torch.rand(batch, generator=g)
+    cond = {"tokens": lambda: torch.randn(batch, 5, cfg.condition_dim, generator=g),
+            "class": lambda: torch.randint(0, cfg.num_classes, (batch,), generator=g),
+            "none": lambda: None}[cfg.condition]()
+    return x, t, cond
+
+
+def perturb(model):
+    """Move every parameter off its init so zero-initialised paths carry signal."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+FAMILIES = ["vecset_dit/debug", "voxel_dit/debug"]
+CONDITIONS = [dict(), dict(condition="class", num_classes=7), dict(condition="none"),
+              dict(null_condition="zero")]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("overrides", CONDITIONS)
+def test_fresh_dit_outputs_exactly_zero_with_input_shape(name, overrides):
+    torch.manual_seed(0)
+    model = models.build(name, **overrides)
+    x, t, cond = dit_inputs(model)
+    out = model(x, t, cond)
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(x))
+    perturbed = perturb(model)(x, t, cond)
+    assert perturbed.abs().mean() > 1e-3  # the zeros above came from the init, not the wiring
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dit_output_depends_on_time_condition_and_input(name):
+    torch.manual_seed(0)
+    model = perturb(models.build(name))
+    x, t, cond = dit_inputs(model)
+    out = model(x, t, cond)
+    assert not torch.allclose(out, model(x, t.flip(0) * 0.5, cond), atol=1e-4)
+    assert not torch.allclose(out, model(x, t, cond.flip(0)), atol=1e-4)
+    assert not torch.allclose(out, model(x.flip(0), t, cond), atol=1e-4)
+    assert model(x, 0.3, cond).shape == x.shape  # scalar t
+
+
+def test_vecset_dit_any_token_count_and_permutation_equivariance():
+    torch.manual_seed(0)
+    model = perturb(models.build("vecset_dit/debug"))
+    _, t, cond = dit_inputs(model)
+    for n in (1, 13, 64):
+        x = torch.randn(2, n, model.config.in_channels)
+        out = model(x, t, cond)
+        perm = torch.randperm(n)
+        assert torch.allclose(model(x[:, perm], t, cond), out[:, perm], atol=1e-5)  # no positional embedding
+
+
+def test_voxel_dit_positional_embedding_breaks_equivariance():
+    torch.manual_seed(0)
+    model = perturb(models.build("voxel_dit/debug"))
+    x, t, cond = dit_inputs(model)
+    out = model(x, t, cond)
+    assert not torch.allclose(model(x.flip(2), t, cond).flip(2), out, atol=1e-4)
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        model(torch.randn(1, model.config.in_channels, 3, 4, 4), t[:1], cond[:1])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_null_condition_and_drop(name):
+    model = perturb(models.build(name))
+    x, t, cond = dit_inputs(model)
+    null = model.null_condition(2, num_tokens=5)
+    assert null.shape == cond.shape
+    dropped = model.drop_condition(cond, torch.tensor([True, False]))
+    assert torch.equal(dropped[0], null[0]) and torch.equal(dropped[1], cond[1])
+    assert torch.allclose(model(x, t, None), model(x, t, model.null_condition(2)), atol=1e-6)
+    # the learned null token is a parameter the optimiser trains; the zero one is not
+    assert any(p is model.trunk.null_token for p in model.parameters())
+    zero = models.build(name, null_condition="zero")
+    assert torch.equal(zero.null_condition(2), torch.zeros(2, 1, zero.config.condition_dim))
+    assert not any(p is zero.trunk.null_token for p in zero.parameters())
+
+
+def test_class_conditioning_null_class():
+    model = perturb(models.build("vecset_dit/debug", condition="class", num_classes=3))
+    assert torch.equal(model.null_condition(2), torch.tensor([3, 3]))
+    dropped = model.drop_condition(torch.tensor([0, 2]), torch.tensor([False, True]))
+    assert torch.equal(dropped, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="class ids"):
+        model(torch.randn(2, 4, 8), torch.rand(2), torch.randn(2, 1, 32))
+
+
+def test_unconditional_dit_rejects_condition():
+    model = models.build("vecset_dit/debug", condition="none")
+    assert model.null_condition(2) is None and model.drop_condition(None, torch.tensor([True])) is None
+    assert not any(b.cross_attn for b in model.trunk.blocks.blocks)
+    with pytest.raises(ValueError, match="unconditional"):
+        model(torch.randn(1, 4, 8), torch.rand(1), torch.randn(1, 2, 32))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dit_checkpointing_same_outputs_and_grads(name):
+    torch.manual_seed(0)
+    model = perturb(models.build(name, depth=4))
+    x, t, cond = dit_inputs(model)
+
+    def run(every):
+        model.set_activation_checkpointing(every)
+        model.zero_grad()
+        out = model(x, t, cond)
+        out.square().mean().backward()
+        # the null token gets no gradient when every sample is conditioned
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    out0, grads0 = run(0)
+    for every in (1, 3):
+        out, grads = run(every)
+        assert torch.allclose(out, out0, atol=1e-6)
+        assert len(grads) == len(grads0) == len(list(model.parameters())) - 1
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, grads0))
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        model.set_activation_checkpointing(-1)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dit_bf16_forward_backward(name):
+    torch.manual_seed(0)
+    model = perturb(models.build(name)).to(torch.bfloat16)
+    x, t, cond = dit_inputs(model)
+    out = model(x.bfloat16(), t, cond.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
