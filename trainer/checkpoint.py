@@ -188,3 +188,36 @@ def load_checkpoint(engine: Engine, path: Path, *, ema: EMA | None) -> tuple[dic
     # A different number of ranks: RNG streams cannot be mapped one to one, and a per-rank loader
     # cursor does not apply to another split; the loop reseeds and the loader starts a new pass.
     return meta, None
+
+
+# ---------------------------------------------------------------------------
+# Networks for sampling, evaluation and the frozen VAE of a DiT run
+# ---------------------------------------------------------------------------
+
+NET_PREFIX = "net."  # the engine trains a task objective that holds the network as ``net``
+
+
+def network_state(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The network's weights from a checkpoint (EMA parameters over the raw ones when asked)."""
+    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if use_ema and (path / "ema.pt").exists():
+        state.update(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+    return {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
+
+
+def load_network(path: Path, use_ema: bool = True):
+    """(network in eval mode, its training config, the checkpoint's meta) from a complete checkpoint."""
+    import models
+    from data_pipeline.typed_config import load_config
+
+    from .config import TrainConfig
+
+    path = Path(path)
+    meta = read_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no valid {META})")
+    cfg = load_config(TrainConfig, path / "config.yaml")
+    overrides = (meta.get("derived") or {}).get("model_overrides") or cfg.model.overrides
+    net = models.build(cfg.model.name, **overrides)
+    net.load_state_dict(network_state(path, use_ema))
+    return net.eval(), cfg, meta

@@ -161,16 +161,17 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, clip_norm: float) -> tuple[float, bool]:
+    def step(self, clip_norm: float, skip: bool = False) -> tuple[float, bool]:
         """Clip, check and apply the gradients; returns (gradient norm, whether the step was applied).
 
         Gradients are already identical on every rank (all-reduced), so every rank takes the same
-        decision for a non-finite norm: the update is skipped and the gradients dropped.
+        decision for a non-finite norm: the update is skipped and the gradients dropped. ``skip``
+        (the same on every rank, e.g. a non-finite all-reduced loss) drops the update as well.
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = clip_norm if clip_norm > 0 else float("inf")
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-        finite = bool(torch.isfinite(torch.tensor(norm)))
+        finite = bool(torch.isfinite(torch.tensor(norm))) and not skip
         if finite:
             self.optimizer.step()
         self.scheduler.step()  # the schedule is a function of the step count, skipped or not

@@ -1,0 +1,261 @@
+"""The generic training loop: the same for the VAE and the DiT, and for every engine strategy.
+
+    setup: engine -> task (network + objective) -> resume? -> engine.prepare -> EMA -> loader -> MLflow
+    per step: grad_accum micro-batches (forward under autocast, backward) -> engine.step (clip, guard)
+              -> EMA -> metrics (all-reduced every log_every) -> checkpoint / evaluation at intervals
+
+Task-specific work (what a batch means, the loss) lives in trainer/steps.py; distributed work in
+trainer/engine.py; saving in trainer/checkpoint.py; MLflow in trainer/tracking.py.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipeline import loader as data_loader
+from data_pipeline.typed_config import save_config
+
+from . import checkpoint as ckpt
+from .config import OptimConfig, TrainConfig
+from .engine import Engine, create_engine
+from .evaluation import Evaluator
+from .steps import BatchRandom, make_task, to_device
+from .tracking import Tracker
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+# ---------------------------------------------------------------------------
+# optimiser, schedule, guard
+# ---------------------------------------------------------------------------
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up from 0, then cosine decay to min_lr_ratio (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if not cfg.cosine:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.ndim >= 2]      # no weight decay on biases, norms, embeddings' 1-D params
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, max_steps=max_steps))
+
+
+@dataclass
+class NonFiniteGuard:
+    limit: int
+    in_a_row: int = 0
+    skipped: int = 0
+
+    def update(self, ok: bool, step: int) -> None:
+        if ok:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"{self.in_a_row} non-finite losses/gradients in a row (last at step {step}): training diverged; "
+                f"lower optim.lr, raise optim.warmup_steps or use precision=fp32 (limit: run.nan_guard)")
+
+
+# ---------------------------------------------------------------------------
+# metrics over a logging window
+# ---------------------------------------------------------------------------
+
+@dataclass
+class MetricWindow:
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    steps: int = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] += v
+        self.steps += 1
+
+    def reduce(self, engine: Engine) -> dict[str, float]:
+        """Means over the window and over ranks; per-t-bin sums become mean losses per bin."""
+        means = engine.all_reduce_mean({k: v / max(1, self.steps) for k, v in self.sums.items()})
+        out = {k: v for k, v in means.items() if not k.endswith(("_sum", "_n"))}
+        for key in [k for k in means if k.endswith("_sum")]:
+            count = means[key[:-4] + "_n"]
+            if count > 0:
+                out[key[:-4]] = means[key] / count
+        self.sums, self.steps = defaultdict(float), 0
+        return out
+
+
+# ---------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def build_loader(cfg: TrainConfig, task, engine: Engine, seed_offset: int = 0):
+    return data_loader.make_loader(
+        cfg.data.path, task=task.loader_task(), batch_size=cfg.data.batch_size, mode="train",
+        seed=cfg.run.seed + seed_offset, rank=engine.rank, world_size=engine.world_size,
+        num_workers=cfg.data.num_workers, **task.loader_options())
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    engine: Engine
+    task: Any
+    model: torch.nn.Module
+    ema: Any
+    loader: Any
+    tracker: Tracker
+    evaluator: Evaluator
+    step: int = 0
+    tracker_run_id: str | None = None
+    best_metric_candidate: float | None = None   # last logged loss: the checkpoint's "best" score
+    losses: dict[int, float] = field(default_factory=dict)   # step -> this rank's loss (for tests)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.dir)
+
+    def optimizer_step(self, batches: Iterator[dict]) -> tuple[dict[str, float], bool]:
+        """grad_accum micro-steps then one engine step; returns (metrics, whether it was applied)."""
+        cfg, engine = self.cfg, self.engine
+        accum = cfg.optim.grad_accum
+        totals: dict[str, float] = defaultdict(float)
+        for micro in range(accum):
+            batch = to_device(next(batches), engine.device)
+            rand = BatchRandom(cfg.run.seed, self.step, micro, engine.rank, engine.world_size,
+                               len(batch["id"]), engine.device)
+            with engine.accumulate(sync=micro == accum - 1):
+                with engine.autocast():
+                    loss, metrics = self.task.compute(self.model, batch, rand, self.step)
+                engine.backward(loss / accum)
+            for k, v in metrics.items():
+                totals[k] += v / accum
+        loss_ok = engine.all_reduce_mean({"finite": float(math.isfinite(totals["loss"]))})["finite"] == 1.0
+        grad_norm, applied = engine.step(cfg.optim.clip_grad_norm, skip=not loss_ok)
+        totals["grad_norm"] = grad_norm if math.isfinite(grad_norm) else 0.0
+        return dict(totals), applied
+
+    def save(self) -> None:
+        loader_state = self.loader.state_dict()
+        derived = self.task.derived()
+        self.evaluator.flush_plots()
+        ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.step, ema=self.ema,
+                             loader_state=loader_state, config=self.cfg,
+                             meta_extra={"mlflow_run_id": self.tracker_run_id, "derived": derived},
+                             metric=self.best_metric_candidate, keep_last=self.cfg.run.keep_last)
+
+    def fit(self) -> dict[str, Any]:
+        cfg, engine = self.cfg, self.engine
+        guard = NonFiniteGuard(cfg.run.nan_guard)
+        window = MetricWindow()
+        samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * engine.world_size
+        bar = tqdm(total=cfg.run.max_steps, initial=self.step, disable=not (engine.is_main and cfg.run.progress),
+                   desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
+        batches = iter(self.loader)
+        tic = time.perf_counter()
+        while self.step < cfg.run.max_steps:
+            metrics, applied = self.optimizer_step(batches)
+            guard.update(applied, self.step)
+            if applied and self.ema is not None:
+                self.ema.update()
+            self.losses[self.step] = metrics["loss"]
+            window.add(metrics)
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
+                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+                logged = window.reduce(engine)
+                logged.update(lr=engine.lr(), skipped_steps=float(guard.skipped),
+                              samples_per_s=samples_per_step * cfg.run.log_every / max(elapsed, 1e-9))
+                self.best_metric_candidate = logged["loss"]
+                self.tracker.log_metrics(logged, self.step)
+                bar.set_postfix(loss=f"{logged['loss']:.4g}", lr=f"{logged['lr']:.2e}",
+                                samples_s=f"{logged['samples_per_s']:.1f}")
+            if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.max_steps:
+                self.evaluator.run(self.step, self.ema)
+                tic = time.perf_counter()  # samples/s measures training only
+            if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps:
+                self.save()
+                tic = time.perf_counter()
+        bar.close()
+        final = self.evaluator.run(self.step, self.ema)
+        return {"step": self.step, "losses": dict(self.losses), "skipped_steps": guard.skipped,
+                "mlflow_run_id": self.tracker_run_id, "eval": final}
+
+
+def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
+    seed_everything(cfg.run.seed, engine.rank)
+    run_dir = Path(cfg.run.dir)
+    task = make_task(cfg, engine.device)
+    make_loader = partial(build_loader, cfg, task, engine)
+    found = ckpt.resolve_resume(run_dir / "checkpoints", cfg.run.resume) if engine.is_main else None
+    resume = engine.broadcast_object(str(found) if found else None)
+    if resume:
+        task.restore(ckpt.read_meta(Path(resume))["derived"])
+    task.prepare(make_loader, engine)
+    model = engine.prepare(task.objective, partial(make_optimizer, cfg=cfg.optim),
+                           partial(make_scheduler, cfg=cfg.optim, max_steps=cfg.run.max_steps))
+    ema = engine.make_ema(cfg.ema.decay) if cfg.ema.enabled else None
+    loader = make_loader()
+    step, run_id = 0, None
+    if resume:
+        meta, loader_state = ckpt.load_checkpoint(engine, Path(resume), ema=ema)
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+        step, run_id = meta["step"], meta.get("mlflow_run_id")
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    tracker = Tracker(run_dir, enabled=engine.is_main)
+    run_id = engine.broadcast_object(tracker.start(cfg, run_id))
+    if engine.is_main:
+        tracker.log_artifact(run_dir / "config.yaml")
+    evaluator = Evaluator(cfg, task, engine, tracker, make_loader)
+    trainer = Trainer(cfg, engine, task, model, ema, loader, tracker, evaluator, step=step)
+    trainer.tracker_run_id = run_id
+    return trainer
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...)."""
+    engine = create_engine(cfg.engine, cfg.precision)
+    tracker = None
+    try:
+        trainer = setup(cfg, engine)
+        tracker = trainer.tracker
+        summary = trainer.fit()
+        tracker.finish("FINISHED")
+        return summary
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    finally:
+        engine.close()

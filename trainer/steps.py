@@ -1,0 +1,339 @@
+"""Task-specific training steps: what one micro-batch does for the VAE and for the DiT.
+
+The generic loop (trainer/loop.py) never looks inside a batch. A task gives it:
+
+* ``objective``: an ``nn.Module`` holding the trained network whose ``forward`` computes the loss,
+  so the engine can wrap it (DDP today, DeepSpeed / FSDP2 later) and every strategy sees one forward;
+* ``loader_options()``: the task options for ``data_pipeline.make_loader``;
+* ``compute(model, batch, rand, step)``: (loss tensor, float metrics) for one micro-batch;
+* ``derived()`` / ``restore(derived)``: values measured at the start of a run (e.g. the latent scale
+  factor) that a checkpoint stores so a resumed run uses the same ones.
+
+Randomness (posterior noise, t, eps, condition dropout) comes from :class:`BatchRandom`, which draws
+for the *global* batch from a generator seeded by (seed, step, micro-step) and hands each rank its
+rows: results do not depend on the number of ranks, and a resumed run draws the same numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import models
+from data_pipeline.typed_config import ConfigError
+
+from . import objectives as obj
+from .config import TrainConfig
+
+
+class BatchRandom:
+    """Random draws for one micro-step of the global batch; this rank gets rows [rank*B, (rank+1)*B)."""
+
+    def __init__(self, seed: int, step: int, micro: int, rank: int, world_size: int, local_batch: int,
+                 device: torch.device):
+        words = np.random.SeedSequence([seed, step, micro, 0x5EED]).generate_state(2)
+        self.gen = torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+        self.rows = slice(rank * local_batch, (rank + 1) * local_batch)
+        self.total = world_size * local_batch
+        self.device = device
+
+    def normal(self, *shape: int) -> Tensor:
+        """[B, *shape] standard normal."""
+        return torch.randn(self.total, *shape, generator=self.gen)[self.rows].to(self.device)
+
+    def times(self, m: float, s: float, shift: float) -> Tensor:
+        return obj.sample_logit_normal_t(self.total, m=m, s=s, shift=shift, generator=self.gen)[self.rows].to(self.device)
+
+    def dropout(self, p: float) -> Tensor:
+        return obj.condition_dropout_mask(self.total, p, generator=self.gen)[self.rows].to(self.device)
+
+
+def family(name: str) -> str:
+    return name.partition("/")[0]
+
+
+def build_network(name: str, overrides: dict[str, Any], key: str = "model") -> nn.Module:
+    try:
+        return models.build(name, **overrides)
+    except ValueError as err:
+        raise ConfigError(f"{key}.name/{key}.overrides: {err}") from None
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def as_sdf(pred: Tensor, kind: str) -> Tensor:
+    """A network output as an SDF-like field (negative inside): occupancy logits are positive inside."""
+    return pred if kind == "sdf" else -pred
+
+
+# ---------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------
+
+def vecset_token_counts(cfg: models.VecSetVAEConfig, batch: dict[str, Any]) -> tuple[int, int]:
+    """(uniform, sharp) query-token counts; a drawn ``num_tokens`` scales both in proportion."""
+    uniform, sharp = cfg.num_latents, cfg.num_sharp_latents if "sharp" in batch else 0
+    if "num_tokens" in batch:
+        total = int(batch["num_tokens"])
+        scale = min(1.0, total / (uniform + sharp))
+        uniform, sharp = max(1, round(uniform * scale)), round(sharp * scale)
+    return uniform, sharp
+
+
+class VaeObjective(nn.Module):
+    """Reconstruction + KL for the VecSet or voxel VAE; ``forward`` returns loss terms and metrics."""
+
+    def __init__(self, net: nn.Module, cfg: TrainConfig):
+        super().__init__()
+        self.net = net
+        self.loss_cfg = cfg.vae_loss
+        self.voxel = isinstance(net, models.VoxelVAE)
+
+    def forward(self, batch: dict[str, Any], noise: Tensor, kl_weight: float,
+                counts: tuple[int, int] = (0, 0)) -> dict[str, Tensor]:
+        if self.voxel:
+            posterior = self.net.encode(batch["occ"])
+            pred = self.net.decode(posterior.mean + posterior.std * noise).squeeze(1)   # [B, R, R, R] logits
+            inside = batch["occ"].squeeze(1) > 0.5
+            terms = obj.occupancy_bce_loss(pred.flatten(1), inside.flatten(1))
+            sdf_pred, sdf_true = -pred.flatten(1), torch.where(inside, -1.0, 1.0).flatten(1)
+        else:
+            posterior = self.net.encode(batch["surface"], batch["surface_normal"], batch.get("sharp"),
+                                        batch.get("sharp_normal"), num_latents=counts[0],
+                                        num_sharp_latents=counts[1])
+            hidden = self.net.decode(posterior.mean + posterior.std * noise)
+            pred = self.net.query(hidden, batch["query"])                              # [B, Q]
+            terms = self._recon(pred, batch["sdf"])
+            if self.loss_cfg.eikonal_weight > 0:
+                terms["eikonal"] = self._eikonal(hidden, batch["query"])
+                terms["recon"] = terms["recon"] + self.loss_cfg.eikonal_weight * terms["eikonal"]
+            sdf_pred, sdf_true = as_sdf(pred, self.loss_cfg.kind), batch["sdf"]
+        kl = posterior.kl().mean()
+        terms.update(kl=kl, loss=terms["recon"] + kl_weight * kl,
+                     iou=obj.volume_iou(sdf_pred.detach(), sdf_true).mean())
+        return terms
+
+    def _recon(self, pred: Tensor, sdf: Tensor) -> dict[str, Tensor]:
+        if self.loss_cfg.kind == "sdf":
+            return obj.sdf_regression_loss(pred, sdf, self.loss_cfg.tau)
+        return obj.occupancy_bce_loss(pred, sdf < 0)
+
+    def _eikonal(self, hidden: Tensor, query: Tensor, count: int = 256, h: float = 1e-3) -> Tensor:
+        """Eikonal term by central differences (no double backward, so every strategy can run it).
+        The prediction is in truncated units, so its gradient norm should be 1 / tau near the surface."""
+        pts = query[:, -count:]                                          # near-surface queries come last
+        offsets = torch.eye(3, device=pts.device, dtype=pts.dtype) * h  # [3, 3]
+        probe = torch.cat([pts[:, :, None] + offsets, pts[:, :, None] - offsets], dim=2)  # [B, P, 6, 3]
+        values = self.net.query(hidden, probe.flatten(1, 2)).view(*pts.shape[:2], 2, 3)
+        grad = (values[:, :, 0] - values[:, :, 1]) / (2 * h)            # [B, P, 3]
+        return obj.eikonal_loss(grad, 1.0 / self.loss_cfg.tau)
+
+
+class VaeTask:
+    def __init__(self, cfg: TrainConfig):
+        if family(cfg.model.name) not in ("vecset_vae", "voxel_vae"):
+            raise ConfigError(f"model.name: task=vae needs a vecset_vae/* or voxel_vae/* model, got {cfg.model.name}")
+        self.cfg = cfg
+        self.net = build_network(cfg.model.name, cfg.model.overrides)
+        if cfg.model.activation_checkpointing:
+            self.net.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        self.objective = VaeObjective(self.net, cfg)
+        self.voxel = self.objective.voxel
+        if self.voxel and cfg.vae_loss.kind != "occupancy":
+            raise ConfigError("vae_loss.kind: the voxel VAE is trained on occupancy grids: set vae_loss.kind=occupancy")
+
+    def loader_task(self) -> str:
+        return "vae"
+
+    def loader_options(self) -> dict[str, Any]:
+        if self.voxel:  # the grid is the input and the target; point queries are not needed
+            return {"occupancy": True, "num_vol": 0, "num_near": 0, "num_surface": 1, **self.cfg.data.options}
+        net_cfg = self.net.config
+        defaults = {"num_surface": max(4 * net_cfg.num_latents, 512), "num_sharp": 0}
+        return {**defaults, **self.cfg.data.options}
+
+    def derived(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, derived: dict[str, Any]) -> None:
+        pass
+
+    def prepare(self, make_loader, engine) -> None:
+        """Nothing to measure for the VAE."""
+
+    def compute(self, model: nn.Module, batch: dict[str, Any], rand: BatchRandom, step: int):
+        c = self.net.config.latent_channels
+        if self.voxel:
+            side = batch["occ"].shape[-1] // self.net.config.downsample_factor
+            noise, counts = rand.normal(c, side, side, side), (0, 0)
+        else:
+            counts = vecset_token_counts(self.net.config, batch)
+            noise = rand.normal(sum(counts), c)
+        kl_w = obj.kl_weight(step, self.cfg.vae_loss.kl_weight, self.cfg.vae_loss.kl_warmup_steps)
+        terms = model(batch, noise, kl_w, counts)
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        return terms["loss"], metrics
+
+
+# ---------------------------------------------------------------------------
+# DiT
+# ---------------------------------------------------------------------------
+
+class DitObjective(nn.Module):
+    """Rectified-flow loss; ``forward`` returns the per-sample loss [B] (logged per t bin)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x0: Tensor, eps: Tensor, t: Tensor, cond: Tensor | None, drop: Tensor) -> Tensor:
+        if cond is not None:
+            cond = self.net.drop_condition(cond, drop)
+        pred = self.net(obj.interpolate(x0, eps, t), t, cond)
+        return obj.flow_loss_per_sample(pred, obj.velocity_target(x0, eps))
+
+
+def load_frozen_vae(checkpoint_dir: str | Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, TrainConfig]:
+    """The VAE of a `task=vae` checkpoint, frozen and in eval mode, with its training config."""
+    from .checkpoint import load_network  # local import: checkpoint imports the engine
+
+    net, cfg, _ = load_network(Path(checkpoint_dir), use_ema=use_ema)
+    if cfg.task != "vae":
+        raise ConfigError(f"vae.checkpoint: {checkpoint_dir} is a task={cfg.task} checkpoint, not a VAE")
+    net.requires_grad_(False)
+    return net.eval().to(device), cfg
+
+
+class DitTask:
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        if family(cfg.model.name) not in ("vecset_dit", "voxel_dit"):
+            raise ConfigError(f"model.name: task=dit needs a vecset_dit/* or voxel_dit/* model, got {cfg.model.name}")
+        self.cfg, self.device = cfg, device
+        self.vae, self.vae_cfg = (None, None)
+        if cfg.vae.checkpoint:
+            self.vae, self.vae_cfg = load_frozen_vae(cfg.vae.checkpoint, cfg.vae.use_ema, device)
+        self.voxel = family(cfg.model.name) == "voxel_dit"
+        if self.vae is not None and self.voxel != isinstance(self.vae, models.VoxelVAE):
+            raise ConfigError(f"vae.checkpoint: a {cfg.model.name} needs a {'voxel' if self.voxel else 'vecset'} VAE")
+        self.scale_factor: float | None = cfg.vae.scale_factor
+        self.model_overrides: dict[str, Any] | None = None
+        self.net: nn.Module | None = None
+        self.objective: nn.Module | None = None
+
+    # -- data -----------------------------------------------------------------
+    def loader_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {}
+        if self.cfg.vae.latents == "cached":
+            opts["use_latents"] = True
+        elif self.voxel:  # the dit loader has no occupancy grid: read it through the vae task
+            opts = {"occupancy": True, "num_vol": 0, "num_near": 0, "num_surface": 1}
+        else:
+            vae_data = self.vae_cfg.data.options if self.vae_cfg else {}
+            opts = {k: vae_data[k] for k in ("num_surface", "num_sharp", "surface_sampling") if k in vae_data}
+            opts.setdefault("num_surface", max(4 * self.vae.config.num_latents, 512))
+        if self.cfg.condition.kind in ("class", "embedding") and not self.voxel:
+            opts["condition"] = self.cfg.condition.kind
+        return {**opts, **self.cfg.data.options}
+
+    def loader_task(self) -> str:
+        return "vae" if self.voxel and self.cfg.vae.latents != "cached" else "dit"
+
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any], rand: BatchRandom | None) -> Tensor:
+        """Unscaled data latents x0 of a batch: cached, or encoded by the frozen VAE (mode or a sample)."""
+        if self.cfg.vae.latents == "cached":
+            return batch["latent"].float()
+        if self.voxel:
+            posterior = self.vae.encode(batch["occ"])
+        else:
+            posterior = self.vae.encode(batch["surface"], batch["surface_normal"], batch.get("sharp"),
+                                        batch.get("sharp_normal"))
+        if self.cfg.vae.latents == "sample" and rand is not None:
+            return posterior.mean + posterior.std * rand.normal(*posterior.mean.shape[1:])
+        return posterior.mode()
+
+    def condition(self, batch: dict[str, Any]) -> Tensor | None:
+        kind = self.cfg.condition.kind
+        key = self.cfg.condition.key
+        if kind == "none":
+            return None
+        if kind == "class":
+            return batch[key or "class_id"].long()
+        if kind == "embedding":
+            cond = batch[key or "condition"].float()
+            return cond[:, None] if cond.ndim == 2 else cond
+        raise ConfigError("condition.kind: image conditioning needs rendered views in the shards "
+                          "(schema v1 has none)")
+
+    # -- derived values ---------------------------------------------------------
+    def prepare(self, make_loader, engine) -> None:
+        """Measure the latent scale factor (1 / std over a few batches, averaged over ranks) and
+        derive the network's shape from the latents; then build the network."""
+        if self.model_overrides is None or self.scale_factor is None:
+            loader = make_loader(seed_offset=1)
+            batches = [to_device(b, self.device) for b, _ in zip(loader, range(self.cfg.vae.scale_batches))]
+            lat = torch.cat([self.latents(b, None) for b in batches])
+            stats = engine.all_reduce_mean({"mean": float(lat.mean()), "sq": float(lat.pow(2).mean())})
+            std = max(stats["sq"] - stats["mean"] ** 2, 1e-12) ** 0.5
+            if self.scale_factor is None:
+                self.scale_factor = 1.0 / std
+            if self.model_overrides is None:
+                self.model_overrides = self._derive_overrides(lat)
+        self._build()
+
+    def _derive_overrides(self, lat: Tensor) -> dict[str, Any]:
+        derived: dict[str, Any] = {"in_channels": int(lat.shape[1] if self.voxel else lat.shape[-1])}
+        if self.voxel:
+            derived["resolution"] = int(lat.shape[-1])
+        kind = self.cfg.condition.kind
+        derived["condition"] = {"none": "none", "class": "class"}.get(kind, "tokens")
+        if kind == "class":
+            derived["num_classes"] = self.cfg.condition.num_classes
+        for key, value in derived.items():
+            given = self.cfg.model.overrides.get(key)
+            if given is not None and given != value:
+                raise ConfigError(f"model.overrides.{key}: {given!r} contradicts the data/VAE ({value!r})")
+        return {**derived, **self.cfg.model.overrides}
+
+    def _build(self) -> None:
+        self.net = build_network(self.cfg.model.name, self.model_overrides)
+        if self.cfg.model.activation_checkpointing:
+            self.net.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
+        self.objective = DitObjective(self.net)
+
+    def derived(self) -> dict[str, Any]:
+        return {"scale_factor": self.scale_factor, "model_overrides": self.model_overrides}
+
+    def restore(self, derived: dict[str, Any]) -> None:
+        self.scale_factor = derived["scale_factor"]
+        self.model_overrides = derived["model_overrides"]
+
+    # -- one micro-step -----------------------------------------------------------
+    def compute(self, model: nn.Module, batch: dict[str, Any], rand: BatchRandom, step: int):
+        fl = self.cfg.flow_loss
+        x0 = self.latents(batch, rand) * self.scale_factor
+        eps = rand.normal(*x0.shape[1:])
+        t = rand.times(fl.t_mean, fl.t_std, fl.t_shift)
+        drop = rand.dropout(self.cfg.condition.p_uncond)
+        per_sample = model(x0, eps, t, self.condition(batch), drop)
+        loss = per_sample.mean()
+        metrics = {"loss": float(loss.detach())}
+        bins = obj.loss_per_t_bin(per_sample, t, fl.t_bins)
+        for b in range(fl.t_bins):  # every bin, so all ranks report the same keys
+            total, count = bins.get(b, (0.0, 0))
+            metrics[f"loss_t{b}_sum"], metrics[f"loss_t{b}_n"] = total, float(count)
+        return loss, metrics
+
+
+def make_task(cfg: TrainConfig, device: torch.device):
+    return VaeTask(cfg) if cfg.task == "vae" else DitTask(cfg, device)
+
+
+def network_config_dict(net: nn.Module) -> dict[str, Any]:
+    return dataclasses.asdict(net.config)

@@ -1,0 +1,32 @@
+"""`shapeflow train CONFIG [key=value ...]`: train a VAE or a DiT (the config's ``task``).
+
+CONFIG is a YAML file or the name of a bundled config (``configs/<name>.yaml``, e.g.
+``vecset_vae_debug``). Overrides use dotted keys: ``data.path=shards/ run.dir=runs/x run.max_steps=100``.
+The same command runs as one process, under ``torchrun`` and under ``accelerate launch``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import load_train_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file or bundled config name (e.g. vecset_vae_debug)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. data.path=shards run.dir=runs/x run.max_steps=100")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .loop import TrainingDiverged, train  # heavy imports only once the config is valid
+
+    cfg = load_train_config(args.config, args.overrides)
+    try:
+        summary = train(cfg)
+    except TrainingDiverged as err:
+        print(f"shapeflow train: {err}", file=sys.stderr)
+        return 3
+    print(f"shapeflow train: done at step {summary['step']} ({cfg.run.dir}); "
+          f"MLflow run {summary['mlflow_run_id']}; skipped steps: {summary['skipped_steps']}")
+    return 0
