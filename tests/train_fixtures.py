@@ -1,0 +1,65 @@
+"""Shared pieces of the training tests: real shards from `shapeflow preprocess` and fast overrides.
+
+``SHAPEFLOW_TEST_SHARDS=/path/to/shards`` reuses an existing shard directory instead of preprocessing
+(handy when iterating on the trainer; CI leaves it unset).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from trainer import cli
+
+REPO = Path(__file__).resolve().parent.parent
+MESHES = ["spot.obj", "suzanne.obj", "teapot.obj", "cow.obj"]
+
+TINY_PREPROCESS = """\
+watertight: {resolution: 32, coarse_resolution: 16}
+sampling:
+  surface_points: 2048
+  surface_fps_points: 512
+  sharp_points: 128
+  sharp_fps_points: 64
+  volume_points: 1024
+  near_points_per_sigma: 512
+  sharp_near_points_per_sigma: 64
+occupancy_resolution: 16
+shard_max_samples: 2
+"""
+
+# Small everything: a debug step takes a fraction of a second on one core.
+FAST = [
+    "data.batch_size=2",
+    "data.options={num_surface: 256, num_vol: 256, num_near: 256}",
+    "optim.warmup_steps=2",
+    "eval.grid_resolution=16",
+    "eval.num_samples=1",
+    "eval.sample_steps=4",
+    "run.progress=false",
+]
+
+
+def build_train_shards(out: Path) -> Path:
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(TINY_PREPROCESS)
+    inputs = [str(REPO / "assets/meshes" / m) for m in MESHES]
+    rc = cli.main(["preprocess", *inputs, "--out", str(out), "--config", str(config)])
+    assert rc == 0, f"shapeflow preprocess failed with exit code {rc}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    given = os.environ.get("SHAPEFLOW_TEST_SHARDS")
+    if given:
+        return Path(given)
+    return build_train_shards(tmp_path_factory.mktemp("train") / "shards")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
