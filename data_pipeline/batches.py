@@ -1,27 +1,7 @@
-"""Per-task transforms: one raw shard sample (bytes) -> arrays -> a collated batch of tensors.
+"""Per-task transforms: one raw shard sample (bytes) -> float32 arrays -> a collated batch of tensors.
 
-The batch layout is documented in docs/loader.md (the one place). In short, for
-``B`` samples (every tensor is float32 unless stated):
-
-=================  ===================  ==========================================================
-key                shape                 meaning
-=================  ===================  ==========================================================
-surface            [B, N, 3]             surface points (FPS prefix or random subset), normalised
-surface_normal     [B, N, 3]             their unit normals
-sharp              [B, M, 3]             sharp-edge points (only when num_sharp > 0)
-sharp_normal       [B, M, 3]             their normals
-sharp_valid        [B, M] bool           False where a sample had fewer than M sharp points
-query              [B, Q, 3]             vae: num_vol volume + num_near near + num_sharp_near queries
-sdf                [B, Q]                vae: their signed distances (negative inside)
-occ                [B, 1, R, R, R]       vae with occupancy=True: the occupancy grid (1 = inside)
-num_tokens         [] int64              vae with token_cutoffs: latent token count for this batch
-latent             [B, T, C]             dit with use_latents=True: cached latents
-class_id           [B] int64             dit with condition="class"
-condition          [B, ..., D]           dit with condition="embedding": stored embeddings
-center, scale      [B, 3], [B]           original = normalised / scale + center
-valid              [B] bool              False for evaluation padding
-id                 list[str]             sample ids
-=================  ===================  ==========================================================
+The options (:class:`VaeOptions`, :class:`DitOptions`) and the batch keys, shapes and dtypes are
+documented in one place: docs/loader.md.
 """
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def buffered_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generato
 
 def training_epoch_samples(plan: Plan, stream: int, epoch: int, events: list) -> Iterator[dict]:
     """The raw samples a training stream reads in ``epoch``, shuffled: a pure function of the arguments."""
-    units = training_units(len(plan.shards), plan.num_streams, plan.seed, epoch)[stream]
+    units = training_units([s.num_samples for s in plan.shards], plan.num_streams, plan.seed, epoch)[stream]
 
     def unshuffled():
         for unit in units:
@@ -442,7 +442,7 @@ def _with_counts(shards: list[Shard], plan: Plan) -> list[Shard]:
 
 def make_loader(source: str | os.PathLike | Sequence[str | os.PathLike], *, task: str, batch_size: int,
                 mode: str, seed: int, rank: int | None = None, world_size: int | None = None,
-                num_workers: int = 0, shuffle_buffer: int = 256, cache_dir: str | None = None,
+                num_workers: int = 0, shuffle_buffer: int = 64, cache_dir: str | None = None,
                 cache_size: int = -1, prefetch_factor: int = 2, **task_options) -> ShardLoader:
     """Batches of ``task`` ("vae" or "dit") from shards; see docs/loader.md for options and batch keys.
 

@@ -7,11 +7,12 @@ time), so every rank computes the same plan without communication and a
 restarted job recomputes exactly the plan it had.
 
 Training plan (per epoch): the shard list is split into *units*. Normally a unit
-is a whole shard. When there are fewer shards than streams, every shard is split
-into ``k = ceil(streams / shards)`` interleaved parts (part ``p`` holds the
-samples whose index inside the shard is ``p mod k``), so no stream is left idle
-and no sample is duplicated; the price is that each shard's bytes are read ``k``
-times (decoding still happens once per sample). The units are permuted with an
+is a whole shard. When there are fewer shards than streams, shards are split
+into interleaved parts (part ``p`` of ``k`` holds the samples whose index inside
+the shard is ``p mod k``; larger shards get more parts, see
+:func:`parts_per_shard`), so no stream is left idle and no sample is
+duplicated; the price is that a shard split in ``k`` parts has its bytes read
+``k`` times (decoding still happens once per sample). The units are permuted with an
 RNG seeded by (seed, epoch) and dealt round-robin: stream ``g`` gets units
 ``perm[g::streams]``. Streams are therefore disjoint within an epoch and their
 union is the whole data set.
@@ -198,16 +199,35 @@ def seeded_rng(*words: int) -> np.random.Generator:
 TAG_SHARD_ORDER, TAG_SHUFFLE, TAG_SAMPLE, TAG_BATCH = 1, 2, 3, 4
 
 
-def parts_per_shard(num_shards: int, num_streams: int) -> int:
-    return max(1, math.ceil(num_streams / num_shards))
+def parts_per_shard(counts: Sequence[int | None], num_streams: int) -> list[int]:
+    """How many interleaved parts each shard is split into so that every stream gets a unit.
+
+    1 for every shard when there are at least as many shards as streams. Otherwise
+    parts go one at a time to the shard with the most samples per part (never
+    more parts than samples, so no part is empty); without manifest counts every
+    shard gets ``ceil(streams / shards)`` parts.
+    """
+    n = len(counts)
+    if n >= num_streams:
+        return [1] * n
+    if any(c is None for c in counts):
+        return [math.ceil(num_streams / n)] * n
+    if sum(counts) < num_streams:
+        raise ValueError(f"training needs at least one sample per stream: {sum(counts)} samples for "
+                         f"{num_streams} streams (ranks x dataloader workers); use fewer workers")
+    parts = [1] * n
+    while sum(parts) < num_streams:
+        best = max((i for i in range(n) if parts[i] < counts[i]), key=lambda i: counts[i] / parts[i])
+        parts[best] += 1
+    return parts
 
 
-def training_units(num_shards: int, num_streams: int, seed: int, epoch: int) -> list[list[Unit]]:
+def training_units(counts: Sequence[int | None], num_streams: int, seed: int, epoch: int) -> list[list[Unit]]:
     """Units of ``epoch`` for every stream: disjoint, covering, a pure function of the arguments."""
-    if num_shards <= 0:
+    if not counts:
         raise ValueError("no shards to read")
-    k = parts_per_shard(num_shards, num_streams)
-    units = [Unit(shard, part, k) for shard in range(num_shards) for part in range(k)]
+    parts = parts_per_shard(counts, num_streams)
+    units = [Unit(shard, part, k) for shard, k in enumerate(parts) for part in range(k)]
     order = seeded_rng(seed, epoch, TAG_SHARD_ORDER).permutation(len(units))
     return [[units[i] for i in order[g::num_streams]] for g in range(num_streams)]
 

@@ -1,0 +1,170 @@
+"""``shapeflow inspect DIR``: what is in a shard directory, and does it read back.
+
+Prints per-shard sample counts (checked against the manifest), every stored key
+with its dtypes, row counts and value ranges (coordinates dequantised to the
+normalised space), the preprocessing failures summary (failures.jsonl), and
+writes a preview PNG of a few samples' query points coloured by SDF. Exit code
+1 when a shard cannot be read or disagrees with the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.loader import Plan, shard_samples
+from data_pipeline.schema import ARRAY_KEYS, dequantize_coords
+from data_pipeline.shard_order import resolve_source
+
+COORD_KEYS = {k for k, (dtype, _) in ARRAY_KEYS.items() if dtype == "uint16"}
+PREVIEW_POINTS = 4000   # query points drawn per preview panel
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="shard directory with manifest.json (or a manifest, a shard, a brace URL)")
+    parser.add_argument("--out", default="shapeflow_inspect.png", help="preview PNG path (default: %(default)s)")
+    parser.add_argument("--num-preview", type=int, default=4, help="samples shown in the preview (default: 4)")
+
+
+@dataclass
+class KeyStats:
+    present: int = 0
+    dtypes: set = field(default_factory=set)
+    rows: list = field(default_factory=lambda: [np.inf, -np.inf])
+    values: list = field(default_factory=lambda: [np.inf, -np.inf])
+
+    def add(self, key: str, value: np.ndarray) -> None:
+        self.present += 1
+        self.dtypes.add(str(value.dtype))
+        self.rows = [min(self.rows[0], len(value)), max(self.rows[1], len(value))] if value.ndim else self.rows
+        if value.size:
+            shown = dequantize_coords(value) if key in COORD_KEYS else value
+            self.values = [min(self.values[0], float(shown.min())), max(self.values[1], float(shown.max()))]
+
+
+@dataclass
+class Summary:
+    shards: list = field(default_factory=list)    # (url, samples read, manifest count, error or "")
+    keys: dict = field(default_factory=lambda: collections.defaultdict(KeyStats))
+    samples: int = 0
+    preview: list = field(default_factory=list)   # (id, points [P,3], sdf [P])
+
+
+def decode_value(key: str, data: bytes):
+    if key.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if key == "json":
+        return json.loads(data)
+    return None
+
+
+def preview_points(raw: dict, rng: np.random.Generator):
+    pairs = [(k, f"{k}_sdf.npy") for k in ("near", "vol")]
+    points, sdf = [], []
+    for key, sdf_key in pairs:
+        if f"{key}.npy" in raw and sdf_key in raw:
+            points.append(dequantize_coords(decode_value(f"{key}.npy", raw[f"{key}.npy"])))
+            sdf.append(decode_value(sdf_key, raw[sdf_key]).astype(np.float32))
+    if not points:
+        return None
+    points, sdf = np.concatenate(points), np.concatenate(sdf)
+    keep = rng.choice(len(points), min(PREVIEW_POINTS, len(points)), replace=False)
+    return points[keep], sdf[keep]
+
+
+def scan(source: str, num_preview: int) -> Summary:
+    shards = resolve_source(source)
+    plan = Plan(shards, "inspect", None, 1, "eval", 0, 0, 1, 1, 0, None, -1)
+    summary, rng = Summary(), np.random.default_rng(0)
+    for shard in shards:
+        events: list = []
+        count = 0
+        for raw in shard_samples(shard.url, plan, events):
+            count += 1
+            for key, data in raw.items():
+                if key.startswith("__"):
+                    continue
+                value = decode_value(key, data)
+                if isinstance(value, np.ndarray):
+                    summary.keys[key].add(key, value)
+                else:
+                    summary.keys[key].present += 1
+            if len(summary.preview) < num_preview and (pts := preview_points(raw, rng)) is not None:
+                summary.preview.append((raw["__key__"], *pts))
+        error = events[0][2] if events else ""
+        summary.shards.append((shard.url, count, shard.num_samples, error))
+        summary.samples += count
+    return summary
+
+
+def failures_summary(source: str) -> list[str]:
+    path = Path(source) / "failures.jsonl"
+    if not path.is_file():
+        return ["failures.jsonl: none found"]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    reasons = collections.Counter(str(r.get("reason", r.get("error", "?"))).split(":")[0] for r in records)
+    lines = [f"failures.jsonl: {len(records)} rejected inputs"]
+    lines += [f"  {n:4d} x {reason}" for reason, n in reasons.most_common(10)]
+    return lines
+
+
+def write_preview(summary: Summary, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = max(1, len(summary.preview))
+    fig = plt.figure(figsize=(4 * count, 4.4))
+    for i, (key, points, sdf) in enumerate(summary.preview):
+        ax = fig.add_subplot(1, count, i + 1, projection="3d")
+        limit = max(float(np.abs(sdf).max()), 1e-6) if len(sdf) else 1.0
+        limit = min(limit, 0.1)  # the interesting part is near the surface
+        art = ax.scatter(*points.T, c=np.clip(sdf, -limit, limit), cmap="coolwarm", s=1, vmin=-limit, vmax=limit)
+        ax.set_title(str(key)[:24], fontsize=8)
+        ax.set_xlim(-1.05, 1.05), ax.set_ylim(-1.05, 1.05), ax.set_zlim(-1.05, 1.05)
+        fig.colorbar(art, ax=ax, shrink=0.6, label="SDF (blue inside)")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def report(summary: Summary) -> tuple[list[str], list[str]]:
+    lines = [f"{'shard':<40} {'samples':>8} {'manifest':>9}  status"]
+    problems = []
+    for url, count, expected, error in summary.shards:
+        status = "ok"
+        if error:
+            status = f"UNREADABLE after {count} samples: {error}"
+        elif expected is not None and expected != count:
+            status = f"MISMATCH: manifest says {expected}"
+        if status != "ok":
+            problems.append(f"{url}: {status}")
+        lines.append(f"{Path(url).name:<40} {count:>8} {expected if expected is not None else '-':>9}  {status}")
+    lines.append(f"{len(summary.shards)} shards, {summary.samples} samples")
+    lines.append(f"{'key':<22} {'present':>9} {'dtype':<18} {'rows':>15}  value range (coords dequantised)")
+    for key in sorted(summary.keys):
+        st = summary.keys[key]
+        rows = f"{int(st.rows[0])}..{int(st.rows[1])}" if np.isfinite(st.rows[0]) else "-"
+        values = f"[{st.values[0]:.4g}, {st.values[1]:.4g}]" if np.isfinite(st.values[0]) else "-"
+        lines.append(f"{key:<22} {st.present:>4}/{summary.samples:<4} {','.join(sorted(st.dtypes)) or '-':<18} "
+                     f"{rows:>15}  {values}")
+    return lines, problems
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = scan(args.source, args.num_preview)
+    lines, problems = report(summary)
+    if Path(args.source).is_dir():
+        lines += failures_summary(args.source)
+    print("\n".join(lines))
+    write_preview(summary, args.out)
+    print(f"preview: {Path(args.out).resolve()}")
+    if problems:
+        print(f"shapeflow inspect: {len(problems)} problem shard(s): {problems[0]}")
+        return 1
+    return 0

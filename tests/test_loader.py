@@ -1,0 +1,287 @@
+"""The streaming loader on real shards (written by `shapeflow preprocess`, see loader_fixtures.py).
+
+Multi-rank behaviour is simulated in one process with explicit rank/world_size here;
+test_loader_distributed.py runs real processes over gloo.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline import make_loader
+from data_pipeline.loader import LoaderWarning, training_epoch_samples
+from data_pipeline.schema import dequantize_coords, dequantize_normals, unpack_occupancy
+from data_pipeline.typed_config import ConfigError
+from loader_fixtures import OCC_RESOLUTION, loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401
+
+SMALL = dict(task="vae", num_surface=64, num_vol=16, num_near=16)
+
+
+def take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def raw_id(raw) -> str:
+    return str(json.loads(raw["json"]).get("id", raw["__key__"]))
+
+
+@pytest.fixture(scope="module")
+def all_ids(loader_shards):
+    return sorted(stored_samples(loader_shards))
+
+
+def test_fixture_has_uneven_shards(loader_shards):
+    counts = [len(stored_samples(loader_shards, [p])) for p in shard_files(loader_shards)]
+    assert len(counts) >= 3 and len(set(counts)) > 1, counts
+
+
+# ---------------------------------------------------------------------------
+# training mode: assignment, order, resume
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (1, 2), (2, 0), (2, 1), (4, 0), (4, 2)])
+def test_training_streams_are_disjoint_and_cover_everything(loader_shards, all_ids, world_size, num_workers):
+    for epoch in (0, 1):
+        streams = []
+        for rank in range(world_size):
+            loader = make_loader(loader_shards, batch_size=2, mode="train", seed=3, rank=rank,
+                                 world_size=world_size, num_workers=num_workers, **SMALL)
+            for worker in range(max(1, num_workers)):
+                stream = loader.plan.stream_index(worker)
+                streams.append([raw_id(r) for r in training_epoch_samples(loader.plan, stream, epoch, [])])
+        assert all(streams), "a stream got no data (more streams than shards must split shards)"
+        counts = collections.Counter(i for ids in streams for i in ids)
+        assert sorted(counts) == all_ids and set(counts.values()) == {1}
+
+
+def test_training_batches_through_dataloader_workers_follow_the_plan(loader_shards, all_ids):
+    """Real DataLoader workers, 2 ranks x 2 workers: epoch 0 of all streams together is the data set once."""
+    epoch0 = []
+    for rank in range(2):
+        loader = make_loader(loader_shards, batch_size=1, mode="train", seed=1, rank=rank, world_size=2,
+                             num_workers=2, **SMALL)
+        for batch in loader:
+            state = loader.state_dict()
+            worker = (state["next_worker"] - 1) % 2
+            if state["streams"][worker]["epoch"] == 0:
+                epoch0 += batch["id"]
+            if min(s["epoch"] for s in state["streams"]) >= 1:
+                break
+    assert sorted(epoch0) == all_ids
+
+
+def test_same_seed_same_order_other_epoch_or_seed_differs(loader_shards):
+    def first_ids(seed, num_workers=0):
+        random.seed(seed + 100), np.random.seed(seed + 200), torch.manual_seed(seed + 300)  # must not matter
+        loader = make_loader(loader_shards, batch_size=2, mode="train", seed=seed, num_workers=num_workers, **SMALL)
+        return [b["id"] for b in take(loader, 8)]
+
+    assert first_ids(7) == first_ids(7)
+    assert first_ids(7, num_workers=1) == first_ids(7, num_workers=1)
+    assert first_ids(7) != first_ids(8)
+    plan = make_loader(loader_shards, batch_size=2, mode="train", seed=7, **SMALL).plan
+    epochs = [[raw_id(r) for r in training_epoch_samples(plan, 0, epoch, [])] for epoch in (0, 1, 0)]
+    assert epochs[0] == epochs[2] and epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
+
+
+@pytest.mark.parametrize("rank,world_size,num_workers,stop", [(0, 1, 0, 4), (1, 2, 2, 3), (0, 1, 2, 5)])
+def test_resumed_stream_equals_uninterrupted(loader_shards, rank, world_size, num_workers, stop):
+    kw = dict(batch_size=3, mode="train", seed=5, rank=rank, world_size=world_size, num_workers=num_workers,
+              token_cutoffs=[8, 16, 32], num_sharp=8, shuffle_buffer=4, **SMALL)
+    reference = take(make_loader(loader_shards, **kw), 9)  # several epochs of this stream
+    first = make_loader(loader_shards, **kw)
+    head = take(first, stop)
+    state = json.loads(json.dumps(first.state_dict()))     # what a checkpoint stores
+    resumed = make_loader(loader_shards, **kw)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 9 - stop)
+    for ref, got in zip(reference, head + tail):
+        assert ref["id"] == got["id"]
+        for key in ref.keys() - {"id"}:
+            assert torch.equal(ref[key], got[key]), key
+    assert state["streams"][0]["epoch"] >= 0 and resumed.epoch >= 1
+
+
+def test_cursor_from_another_setup_is_rejected(loader_shards):
+    loader = make_loader(loader_shards, batch_size=2, mode="train", seed=1, **SMALL)
+    take(loader, 2)
+    other = make_loader(loader_shards, batch_size=2, mode="train", seed=2, **SMALL)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(loader.state_dict())
+    two = make_loader(loader_shards, batch_size=2, mode="train", seed=1, num_workers=2, **SMALL)
+    with pytest.raises(ValueError, match="num_workers"):
+        two.load_state_dict(loader.state_dict())
+    same = make_loader(loader_shards, batch_size=2, mode="train", seed=1, **SMALL)
+    same.load_state_dict({"ranks": [loader.state_dict()]})  # the gathered form works too
+    assert same.state_dict() == loader.state_dict()
+
+
+# ---------------------------------------------------------------------------
+# evaluation mode
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size,num_workers,batch_size", [(1, 0, 4), (2, 0, 2), (2, 2, 2), (4, 1, 3), (4, 0, 1)])
+def test_eval_every_sample_once_and_equal_batch_counts(loader_shards, all_ids, world_size, num_workers, batch_size):
+    seen, batches_per_rank = [], []
+    for rank in range(world_size):
+        loader = make_loader(loader_shards, batch_size=batch_size, mode="eval", seed=0, rank=rank,
+                             world_size=world_size, num_workers=num_workers, **SMALL)
+        batches = list(loader)
+        batches_per_rank.append(len(batches))
+        assert len(batches) == len(loader)
+        for b in batches:
+            assert len(b["id"]) == batch_size and b["surface"].shape[0] == batch_size
+            seen += [i for i, ok in zip(b["id"], b["valid"].tolist()) if ok]
+        assert [b["id"] for b in loader] == [b["id"] for b in batches]  # a second pass is the same pass
+    assert len(set(batches_per_rank)) == 1, batches_per_rank
+    assert sorted(seen) == all_ids
+
+
+def test_eval_resume_mid_pass(loader_shards, all_ids):
+    kw = dict(batch_size=2, mode="eval", seed=0, num_workers=2, **SMALL)
+    full = [b["id"] for b in make_loader(loader_shards, **kw)]
+    first = make_loader(loader_shards, **kw)
+    head = [b["id"] for b in take(first, 2)]
+    resumed = make_loader(loader_shards, **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b["id"] for b in resumed] == full
+
+
+# ---------------------------------------------------------------------------
+# batch content
+# ---------------------------------------------------------------------------
+
+def test_vae_batch_shapes_and_dtypes(loader_shards):
+    loader = make_loader(loader_shards, task="vae", batch_size=3, mode="train", seed=0, num_surface=200,
+                         num_sharp=32, num_vol=40, num_near=50, num_sharp_near=10, occupancy=True,
+                         token_cutoffs=[64, 128])
+    batch = next(iter(loader))
+    f32 = torch.float32
+    expected = {"surface": ((3, 200, 3), f32), "surface_normal": ((3, 200, 3), f32),
+                "sharp": ((3, 32, 3), f32), "sharp_normal": ((3, 32, 3), f32), "sharp_valid": ((3, 32), torch.bool),
+                "query": ((3, 100, 3), f32), "sdf": ((3, 100), f32), "occ": ((3, 1) + (OCC_RESOLUTION,) * 3, f32),
+                "center": ((3, 3), f32), "scale": ((3,), f32), "valid": ((3,), torch.bool),
+                "num_tokens": ((), torch.int64)}
+    assert set(batch) == set(expected) | {"id"}
+    for key, (shape, dtype) in expected.items():
+        assert tuple(batch[key].shape) == shape and batch[key].dtype == dtype, key
+    assert len(batch["id"]) == 3 and int(batch["num_tokens"]) in (64, 128)
+    assert batch["surface"].abs().max() <= 1.0 and torch.allclose(batch["surface_normal"].norm(dim=-1),
+                                                                  torch.ones(3, 200), atol=1e-5)
+
+
+def test_dit_batch_shapes(loader_shards):
+    batch = next(iter(make_loader(loader_shards, task="dit", batch_size=2, mode="eval", seed=0, num_surface=128)))
+    assert set(batch) == {"id", "surface", "surface_normal", "center", "scale", "valid"}
+    assert batch["surface"].shape == (2, 128, 3) and batch["surface"].dtype == torch.float32
+
+
+def test_dequantised_values_match_the_stored_ones(loader_shards):
+    stored = stored_samples(loader_shards)
+    loader = make_loader(loader_shards, task="vae", batch_size=2, mode="eval", seed=0, num_surface=100,
+                         num_vol=30, num_near=30, occupancy=True)
+    for batch in loader:
+        for row, sample_id in enumerate(batch["id"]):
+            s = stored[sample_id]
+            fps = s["surface_fps.npy"][:100]
+            np.testing.assert_array_equal(batch["surface"][row].numpy(), dequantize_coords(s["surface.npy"][fps]))
+            np.testing.assert_array_equal(batch["surface_normal"][row].numpy(),
+                                          dequantize_normals(s["surface_normal.npy"][fps]))
+            np.testing.assert_array_equal(batch["occ"][row, 0].numpy(),
+                                          unpack_occupancy(s["occ.npy"], OCC_RESOLUTION).astype(np.float32))
+            # every query is a stored point with its stored SDF (first vol, then near)
+            for key, part in (("vol", slice(0, 30)), ("near", slice(30, 60))):
+                table = {tuple(p): v for p, v in zip(dequantize_coords(s[f"{key}.npy"]), s[f"{key}_sdf.npy"])}
+                for p, v in zip(batch["query"][row, part].numpy(), batch["sdf"][row, part].numpy()):
+                    assert table[tuple(p)] == np.float32(v)
+            np.testing.assert_allclose(batch["center"][row].numpy(), s["json"]["center"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# failures, options, sources
+# ---------------------------------------------------------------------------
+
+def truncate(path, fraction=0.55):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def test_truncated_shard_is_skipped_counted_and_the_job_continues(shard_copy, all_ids):
+    victim = max(shard_files(shard_copy), key=lambda p: p.stat().st_size)
+    victim_ids = set(stored_samples(shard_copy, [victim]))
+    truncate(victim)
+    with pytest.warns(LoaderWarning, match=victim.name):
+        ranks = [make_loader(shard_copy, batch_size=2, mode="eval", seed=0, world_size=2, rank=r, **SMALL)
+                 for r in range(2)]
+        batches = [list(loader) for loader in ranks]
+    assert len(batches[0]) == len(batches[1])  # still balanced: the lost samples became padding
+    seen = [i for part in batches for b in part for i, ok in zip(b["id"], b["valid"].tolist()) if ok]
+    assert len(seen) == len(set(seen)) and set(seen) <= set(all_ids)
+    assert set(seen) >= set(all_ids) - victim_ids       # every other shard was read in full
+    assert set(seen) & victim_ids < victim_ids          # the truncated part is gone
+    assert sum(loader.stats["corrupt_shards"] for loader in ranks) == 1
+    assert [str(victim)] in [loader.stats["failed_shards"] for loader in ranks]
+
+    train = make_loader(shard_copy, batch_size=2, mode="train", seed=0, **SMALL)
+    with pytest.warns(LoaderWarning, match=victim.name):
+        ids = [i for b in take(train, 12) for i in b["id"]]   # > one epoch: the job continues
+    assert len(ids) == 24 and set(ids) <= set(all_ids)
+    assert train.stats["corrupt_shards"] >= 1 and train.stats["failed_shards"] == [str(victim)]
+
+
+def test_garbage_shard_is_skipped(shard_copy, all_ids):
+    victim = shard_files(shard_copy)[0]
+    victim_ids = set(stored_samples(shard_copy, [victim]))
+    victim.write_bytes(b"this is not a tar file" * 100)
+    with pytest.warns(LoaderWarning, match=victim.name):
+        loader = make_loader(shard_copy, batch_size=2, mode="eval", seed=0, **SMALL)
+        seen = [i for b in loader for i, ok in zip(b["id"], b["valid"].tolist()) if ok]
+    assert sorted(seen) == sorted(set(all_ids) - victim_ids)
+    assert loader.stats["failed_shards"] == [str(victim)]
+
+
+def test_unknown_and_bad_options_name_the_problem(loader_shards):
+    with pytest.raises(ConfigError, match="num_surfaces"):
+        make_loader(loader_shards, task="vae", batch_size=2, mode="train", seed=0, num_surfaces=10)
+    with pytest.raises(ConfigError, match="condition"):
+        make_loader(loader_shards, task="dit", batch_size=2, mode="train", seed=0, condition="text")
+    with pytest.raises(ValueError, match="task"):
+        make_loader(loader_shards, task="gan", batch_size=2, mode="train", seed=0)
+    with pytest.raises(ValueError, match="mode"):
+        make_loader(loader_shards, task="vae", batch_size=2, mode="training", seed=0)
+    with pytest.raises(FileNotFoundError, match="nope.tar"):
+        make_loader(str(loader_shards / "nope.tar"), task="vae", batch_size=2, mode="train", seed=0)
+
+
+def test_every_source_form_reads_the_same_samples(loader_shards, all_ids, tmp_path):
+    tars = shard_files(loader_shards)
+    digits = len(tars[0].stem.rsplit("-", 1)[-1])
+    prefix = tars[0].stem.rsplit("-", 1)[0]
+    brace = f"{loader_shards}/{prefix}-{{{'0' * digits}..{tars[-1].stem.rsplit('-', 1)[-1]}}}.tar"
+    sources = {
+        "manifest": str(next(loader_shards.glob("manifest*.json"))) if (loader_shards / "manifest.json").exists()
+        else str(loader_shards),
+        "list": [str(p) for p in tars],
+        "brace": brace,
+        "pipe": [f"pipe:cat {p}" for p in tars],
+    }
+    expected = collections.Counter(all_ids)
+    for name, source in sources.items():
+        kw = {"cache_dir": str(tmp_path / "cache")} if name == "pipe" else {}
+        loader = make_loader(source, batch_size=4, mode="eval", seed=0, **kw, **SMALL)
+        ids = [i for b in loader for i, ok in zip(b["id"], b["valid"].tolist()) if ok]
+        assert collections.Counter(ids) == expected, name
+    assert len(list((tmp_path / "cache").iterdir())) == len(tars)  # pipe: shards were cached locally
+
+
+def test_pipe_sources_stream_like_local_files(loader_shards):
+    tars = shard_files(loader_shards)
+    piped = make_loader([f"pipe:cat {p}" for p in tars], batch_size=2, mode="train", seed=4, **SMALL)
+    local = make_loader([str(p) for p in tars], batch_size=2, mode="train", seed=4, **SMALL)
+    assert [b["id"] for b in take(piped, 6)] == [b["id"] for b in take(local, 6)]
