@@ -1,0 +1,208 @@
+"""Benchmark the VecSet VAE and the VecSet DiT on this machine (CPU by default).
+
+Reports, for one forward+backward step:
+  * time (best of --repeats; the CPU is shared, so the minimum is the least disturbed run);
+  * FLOPs counted by torch.utils.flop_counter.FlopCounterMode (matmuls and attention) and the
+    achieved FLOP/s as a fraction of a matmul peak measured in the same run (best of square
+    fp32 matmuls, so the ratio is machine-independent);
+  * peak activation memory with and without activation checkpointing at 24 layers.
+
+How memory is measured (CPU has no allocator statistics):
+  peak: the step runs under torch.profiler with profile_memory=True; the profiler's memory
+        timeline (torch.profiler._memory_profiler.MemoryProfile, the data behind
+        profile.export_memory_timeline) lists every tensor allocation and free during the
+        step. Parameters, their .grad buffers (allocated by a warm-up step) and inputs exist
+        before the step, so the running sum of allocations minus frees peaks at the step's
+        activation + temporary memory, including the recomputation inside backward.
+  saved: bytes of distinct storages that autograd saves for backward during the forward
+         (torch.autograd.graph.saved_tensors_hooks), i.e. what lives between forward and
+         backward. Public API; a cross-check of the first number.
+
+Usage:  python bench/bench_models.py [--repeats 3] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models  # noqa: E402
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------
+
+def matmul_peak(repeats: int, sizes=(1024, 2048)) -> float:
+    """Best fp32 FLOP/s of square matmuls (2 n^3 FLOPs each)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def best_time(step, repeats: int) -> float:
+    step()  # warm-up (allocations, kernel selection)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def count_flops(step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def peak_step_memory(step) -> int:
+    """Peak bytes allocated during one step above what existed before it (see module doc)."""
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        step()
+    live = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def saved_for_backward_bytes(forward) -> int:
+    """Bytes of distinct storages saved by autograd during ``forward()`` (parameters excluded)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if not isinstance(t, torch.nn.Parameter):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------
+
+def dit_workload(width, depth, heads, tokens, batch, cond_tokens, channels=64, cond_dim=1024):
+    torch.manual_seed(0)
+    model = models.build("vecset_dit/base", width=width, depth=depth, heads=heads, in_channels=channels,
+                         condition_dim=cond_dim)
+    x = torch.randn(batch, tokens, channels)
+    t, cond = torch.rand(batch), torch.randn(batch, cond_tokens, cond_dim)
+    forward = lambda: model(x, t, cond)  # noqa: E731
+    return model, forward, dict(width=width, depth=depth, heads=heads, tokens=tokens, batch=batch,
+                                cond_tokens=cond_tokens)
+
+
+def vae_workload(width, depth, heads, latents, queries, points, batch):
+    torch.manual_seed(0)
+    model = models.build("vecset_vae/base", width=width, heads=heads, decoder_layers=depth, encoder_layers=0,
+                         num_latents=latents, num_sharp_latents=0)
+    pts, normals = torch.rand(batch, points, 3) * 2 - 1, torch.randn(batch, points, 3)
+    xyz = torch.rand(batch, queries, 3) * 2 - 1
+    forward = lambda: model(pts, normals, xyz)[0]  # noqa: E731
+    return model, forward, dict(width=width, decoder_layers=depth, heads=heads, latents=latents,
+                                queries=queries, points=points, batch=batch)
+
+
+def make_step(model, forward):
+    def step():
+        out = forward()
+        out.float().square().mean().backward()
+    step()  # allocates .grad so later steps only accumulate into it
+    return step
+
+
+def throughput(name, workload, peak, repeats):
+    model, forward, shape = workload
+    step = make_step(model, forward)
+    flops = count_flops(step)
+    seconds = best_time(step, repeats)
+    params = sum(p.numel() for p in model.parameters())
+    return dict(name=name, shape=shape, params=params, flops=flops, seconds=seconds,
+                flops_per_s=flops / seconds, fraction_of_peak=flops / seconds / peak)
+
+
+def memory(name, workload, repeats, every_values=(0, 1, 2)):
+    model, forward, shape = workload
+    step = make_step(model, forward)
+    rows = []
+    for every in every_values:
+        model.set_activation_checkpointing(every)
+        rows.append(dict(every=every, peak_bytes=peak_step_memory(step),
+                         saved_bytes=saved_for_backward_bytes(forward), seconds=best_time(step, repeats)))
+    return dict(name=name, shape=shape, rows=rows)
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+def report(results) -> str:
+    mib = lambda b: b / 2**20  # noqa: E731
+    lines = [f"matmul peak (fp32, best square matmul): {results['matmul_peak'] / 1e9:.1f} GFLOP/s", "",
+             "| model | shape | params | GFLOP/step | step s | GFLOP/s | fraction of matmul peak |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["throughput"]:
+        lines.append(f"| {r['name']} | {r['shape']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e9:.1f} | "
+                     f"{r['seconds']:.3f} | {r['flops_per_s'] / 1e9:.1f} | {r['fraction_of_peak']:.2f} |")
+    lines += ["", "| model | shape | checkpoint_every | peak activation MiB | saved-for-backward MiB | "
+              "reduction vs off | step s |", "|---|---|---|---|---|---|---|"]
+    for m in results["memory"]:
+        base = m["rows"][0]["peak_bytes"]
+        for row in m["rows"]:
+            lines.append(f"| {m['name']} | {m['shape']} | {row['every']} | {mib(row['peak_bytes']):.1f} | "
+                         f"{mib(row['saved_bytes']):.1f} | {base / row['peak_bytes']:.1f}x | {row['seconds']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (best is kept)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, numbers not meaningful)")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    s = 4 if args.quick else 1  # shrink factor
+
+    peak = matmul_peak(args.repeats)
+    results = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor()
+                   or platform.machine(), matmul_peak=peak, throughput=[], memory=[])
+    results["throughput"].append(throughput(
+        "vecset_dit", dit_workload(1024 // s, 2, 16 // s, 512 // s, 2, 128 // s), peak, args.repeats))
+    results["throughput"].append(throughput(
+        "vecset_vae", vae_workload(1024 // s, 2, 16 // s, 512 // s, 2048 // s, 4096 // s, 1), peak, args.repeats))
+    results["memory"].append(memory("vecset_dit", dit_workload(256 // s, 24, 4, 512 // s, 2, 64 // s), args.repeats))
+    results["memory"].append(memory("vecset_vae", vae_workload(256 // s, 24, 4, 512 // s, 1024 // s, 2048 // s, 2),
+                                    args.repeats))
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
