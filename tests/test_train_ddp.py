@@ -103,13 +103,23 @@ def test_dit_one_vs_two_processes_same_loss_and_gradients(train_shards, tmp_path
                        "condition.p_uncond=0.5"])
 
 
-def test_shapeflow_train_under_torchrun_two_processes(train_shards, tmp_path):
+LAUNCHERS = {
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # --multi_gpu starts torchrun-style processes, also without a GPU (--cpu would start just one)
+    "accelerate": lambda: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port())],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_shapeflow_train_as_two_ddp_processes(train_shards, tmp_path, launcher):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer.cli", "train", "vecset_vae_debug", f"data.path={train_shards}", f"run.dir={run_dir}",
-           *FAST, "run.max_steps=3", "run.ckpt_every=3", "run.eval_every=0", "run.log_every=1"]
+    cmd = [*LAUNCHERS[launcher](), "-m", "trainer.cli", "train", "vecset_vae_debug", f"data.path={train_shards}",
+           f"run.dir={run_dir}", *FAST, "run.max_steps=3", "run.ckpt_every=3", "run.eval_every=0",
+           "run.log_every=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = ckpt.read_meta(run_dir / "checkpoints" / "step_00000003")
