@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.checkpoint import read_meta
+
 ROOT = Path(__file__).resolve().parent.parent
 START = ROOT / "tests" / "slurm" / "start_cluster.sh"
 STOP = ROOT / "tests" / "slurm" / "stop_cluster.sh"
@@ -152,7 +154,7 @@ def test_preprocess_array_covers_every_mesh_once(preprocessed):
 # ---------------------------------------------------------------------------
 
 def _mlflow_runs(run_dir: Path):
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # imported here: only these tests need it
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     experiments = client.search_experiments()
@@ -194,8 +196,9 @@ def test_two_node_training_logs_one_run_and_resumes(slurm_env, preprocessed, tmp
     assert _world_size(run) == "2", f"world size not 2 in MLflow: {run.data.params} {run.data.tags}"
     first_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert first_steps and first_steps[-1] == 2, first_steps
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
     assert checkpoints, "no checkpoint written"
+    assert read_meta(checkpoints[-1])["world_size"] == 2
 
     # a second submission (as a requeue would do) continues the same run from step 2
     states = _train(slurm_env, tmp_path, shards, run_dir, max_steps=4, tag="second")
@@ -206,4 +209,4 @@ def test_two_node_training_logs_one_run_and_resumes(slurm_env, preprocessed, tmp
     steps = [m.step for m in history]
     assert sorted(set(steps)) == sorted(set(first_steps) | {3, 4}), steps
     assert len(steps) == len(set(steps)), f"steps logged twice (training restarted from scratch?): {steps}"
-    assert max(int(re.sub(r"\D", "", p.name) or 0) for p in (run_dir / "checkpoints").iterdir()) >= 4
+    assert read_meta(sorted((run_dir / "checkpoints").glob("step_*"))[-1])["step"] == 4
