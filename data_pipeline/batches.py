@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -109,9 +110,26 @@ def check_keys(raw: dict, keys: tuple[str, ...]) -> None:
         raise BadSample(f"sample {raw.get('__key__')!r} lacks {', '.join(missing)}")
 
 
+NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[a-z]\d+)', 'fortran_order': False, 'shape': \(([\d, ]*)\), *\}")
+
+
 def load_npy(raw: dict, key: str) -> np.ndarray:
+    """A read-only view on the .npy bytes (no copy, no header eval); np.load for unusual files."""
+    data = raw[key]
+    if data[:6] == b"\x93NUMPY" and len(data) > 10:
+        size_bytes = 2 if data[6] == 1 else 4
+        start = 8 + size_bytes
+        header_len = int.from_bytes(data[8:start], "little")
+        match = NPY_HEADER.match(data[start:start + header_len])
+        if match:
+            dtype = np.dtype(match.group(1).decode())
+            shape = tuple(int(x) for x in match.group(2).split(b",") if x.strip())
+            count = int(np.prod(shape))
+            body = start + header_len
+            if len(data) - body == count * dtype.itemsize:
+                return np.frombuffer(data, dtype, count, body).reshape(shape)
     try:
-        return np.load(io.BytesIO(raw[key]), allow_pickle=False)
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise BadSample(f"sample {raw.get('__key__')!r}: {key} is not a valid .npy ({err})") from err
 
@@ -147,7 +165,9 @@ def pick_indices(total: int, count: int, order: np.ndarray | None, rng: np.rando
     if order is not None and len(order) >= count:
         return order[:count]
     head = np.asarray(order if order is not None else [], dtype=np.int64)
-    rest = np.setdiff1d(np.arange(total), head) if len(head) else np.arange(total)
+    unused = np.ones(total, dtype=bool)
+    unused[head] = False
+    rest = np.flatnonzero(unused)
     need = count - len(head)
     tail = rng.choice(rest, need, replace=len(rest) < need) if len(rest) else rng.choice(total, need)
     return np.concatenate([head, tail]).astype(np.int64)
