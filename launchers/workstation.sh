@@ -45,7 +45,11 @@ done
 [[ $# -ge 1 ]] || { usage >&2; exit 2; }
 PYTHON=${SHAPEFLOW_PYTHON:-$(command -v python || command -v python3 || echo python3)}
 
-GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)
+# GPUs torch sees (honours CUDA_VISIBLE_DEVICES); no torch import where no GPU device exists.
+GPUS=0
+if compgen -G '/dev/nvidia[0-9]*' >/dev/null || [[ -e /dev/kfd ]]; then
+  GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)
+fi
 NPROC=${NPROC:-$((GPUS > 0 ? GPUS : 1))}
 [[ $NPROC =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$NPROC'"
 if [[ $GPUS -eq 0 ]]; then

@@ -112,3 +112,51 @@ def test_deepspeed_json_is_valid(config):
     parsed = deepspeed_config.DeepSpeedConfig(filled)  # pydantic: unknown zero keys raise
     assert parsed.zero_optimization_stage == stage
     assert parsed.gradient_clipping == AUTO_VALUES["gradient_clipping"]
+
+
+# ---------------------------------------------------------------------------
+# launcher scripts (what they would run; real runs are in test_slurm.py and the trainer tests)
+# ---------------------------------------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+LAUNCHERS = ROOT / "launchers"
+
+
+def _workstation(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
+    env.pop("OMP_NUM_THREADS", None)
+    return subprocess.run(["bash", str(LAUNCHERS / "workstation.sh"), "--dry-run", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_workstation_script_commands():
+    single = _workstation("configs/vecset_vae_debug.yaml", "run.max_steps=2")
+    assert single.returncode == 0, single.stderr
+    assert "1 process(es) on CPU" in single.stderr
+    assert "-m trainer.cli train configs/vecset_vae_debug.yaml run.max_steps=2" in single.stderr
+    assert "torch.distributed.run" not in single.stderr
+
+    ddp = _workstation("-n", "2", "configs/vecset_vae_debug.yaml")
+    assert ddp.returncode == 0, ddp.stderr
+    assert "torch.distributed.run --nproc-per-node 2 --max-restarts 0 --standalone" in ddp.stderr
+    assert "OMP_NUM_THREADS=" in ddp.stderr
+
+    zero3 = _workstation("-n", "2", "-a", "zero3", "configs/vecset_dit_debug.yaml")
+    assert zero3.returncode == 0, zero3.stderr
+    assert "accelerate.commands.launch --config_file configs/accelerate/zero3.yaml --num_processes 2" in zero3.stderr
+
+    missing = _workstation("-a", "no_such_config", "configs/vecset_vae_debug.yaml")
+    assert missing.returncode == 2 and "no_such_config" in missing.stderr
+
+
+@pytest.mark.parametrize("script", ["slurm/train.sbatch", "slurm/preprocess.sbatch", "workstation.sh"])
+def test_launcher_scripts_parse_and_refuse_outside_slurm(script):
+    path = LAUNCHERS / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    if script.endswith(".sbatch"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        proc = subprocess.run(["bash", str(path), "configs/vecset_vae_debug.yaml", "x"], capture_output=True,
+                              text=True, env=env, cwd=ROOT, timeout=30)
+        assert proc.returncode == 2 and "sbatch" in proc.stderr
