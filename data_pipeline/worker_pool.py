@@ -1,0 +1,120 @@
+"""Run :func:`process_mesh` over many meshes in worker processes with a per-mesh time limit.
+
+A plain multiprocessing.Pool cannot stop one task that hangs inside C++ code; here every worker has
+its own pipe, the parent knows when each task started, and a worker that runs past the limit (or
+dies, e.g. killed for memory) is killed and replaced while the other workers carry on.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Callable, Iterable
+
+from data_pipeline.mesh_io import MeshError
+from data_pipeline.preprocess import MeshTask, process_mesh
+from data_pipeline.preprocess_config import PreprocessConfig
+from data_pipeline.watertight import WatertightError
+
+
+@dataclass
+class Outcome:
+    task: MeshTask
+    sample: dict | None     # None when the mesh failed
+    reason: str = ""        # why it failed
+
+
+def _worker(conn, cfg: PreprocessConfig, threads: int) -> None:
+    # libigl sizes its thread pool from IGL_NUM_THREADS on first use: N workers share the cores.
+    os.environ.setdefault("IGL_NUM_THREADS", str(threads))
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        try:
+            conn.send(Outcome(task, process_mesh(task, cfg)))
+        except (MeshError, WatertightError) as err:
+            conn.send(Outcome(task, None, str(err)))
+        except MemoryError:
+            conn.send(Outcome(task, None, "out of memory"))
+        except Exception as err:  # any other library error on a strange input: skip the mesh, keep going
+            conn.send(Outcome(task, None, f"{type(err).__name__}: {err}"[:500]))
+
+
+class _Slot:
+    def __init__(self, ctx, cfg: PreprocessConfig, threads: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, cfg, threads), daemon=True)
+        self.process.start()
+        child.close()
+        self.task: MeshTask | None = None
+        self.started = 0.0
+
+    def give(self, task: MeshTask) -> None:
+        self.task, self.started = task, time.monotonic()
+        self.conn.send(task)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def run_pool(tasks: Iterable[MeshTask], cfg: PreprocessConfig, workers: int,
+             on_outcome: Callable[[Outcome], None]) -> None:
+    """Process every task; ``on_outcome`` is called in this process, in completion order."""
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pending = list(tasks)[::-1]    # pop() from the end keeps the input order
+    slots = [_Slot(ctx, cfg, threads) for _ in range(max(1, min(workers, len(pending))))] if pending else []
+    try:
+        for slot in slots:
+            if pending:
+                slot.give(pending.pop())
+        while any(slot.task is not None for slot in slots):
+            busy = {slot.conn: slot for slot in slots if slot.task is not None}
+            for conn in wait(list(busy), timeout=_time_to_deadline(busy.values(), cfg.mesh_timeout_s)):
+                slot = busy[conn]
+                try:
+                    outcome = conn.recv()
+                except (EOFError, OSError):
+                    code = slot.process.exitcode
+                    outcome = Outcome(slot.task, None, f"worker process died (exit code {code}; out of memory?)")
+                    slots[slots.index(slot)] = slot = _replace(slot, ctx, cfg, threads)
+                on_outcome(outcome)
+                slot.task = None
+                if pending:
+                    slot.give(pending.pop())
+            for index, slot in enumerate(slots):
+                if slot.task is not None and time.monotonic() - slot.started > cfg.mesh_timeout_s:
+                    task = slot.task
+                    slots[index] = slot = _replace(slot, ctx, cfg, threads)
+                    on_outcome(Outcome(task, None, f"timeout: still running after {cfg.mesh_timeout_s:g} s "
+                                                   f"(mesh_timeout_s)"))
+                    if pending:
+                        slot.give(pending.pop())
+    finally:
+        for slot in slots:
+            slot.stop()
+
+
+def _replace(slot: _Slot, ctx, cfg: PreprocessConfig, threads: int) -> _Slot:
+    slot.kill()
+    return _Slot(ctx, cfg, threads)
+
+
+def _time_to_deadline(slots, limit: float) -> float:
+    now = time.monotonic()
+    return max(0.01, min(limit - (now - slot.started) for slot in slots) + 0.01)
