@@ -104,6 +104,38 @@ class StreamCursor:
 # reading one shard
 # ---------------------------------------------------------------------------
 
+class CheckedStream:
+    """A file-like wrapper that tells whether a tar stream really ended.
+
+    Python's tarfile stops silently when a stream is cut at (or inside) a header
+    block, which is what an interrupted copy of a shard looks like. A complete
+    uncompressed tar ends with at least two zero blocks; :meth:`complete` reads
+    what tarfile left and checks them (gzip streams detect truncation themselves).
+    """
+
+    END_MARKER = bytes(1024)
+
+    def __init__(self, stream):
+        self.stream, self.tail, self.eof, self.head = stream, b"", False, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if not data and size != 0:
+            self.eof = True
+        if len(self.head) < 2:
+            self.head += data[:2 - len(self.head)]
+        self.tail = (self.tail + data)[-len(self.END_MARKER):]
+        return data
+
+    def complete(self) -> bool:
+        while not self.eof:
+            self.read(1 << 20)
+        return self.head == b"\x1f\x8b" or self.tail == self.END_MARKER
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 def _opener(plan: Plan, record):
     if plan.cache_dir:
         # FileCache retries failures with sleeps while its handler returns True: record and stop instead
@@ -114,21 +146,34 @@ def _opener(plan: Plan, record):
 def shard_samples(url: str, plan: Plan, events: list) -> Iterator[dict]:
     """Raw samples (dict of bytes) of one shard, in tar order.
 
-    On any read error the shard ends: earlier samples are kept, the last one is
-    dropped because it may be incomplete, and a ``corrupt_shard`` event is added.
+    On any read error, and when the tar lacks its end-of-archive marker, the
+    shard ends: earlier samples are kept, the last one is dropped because it may
+    be incomplete, and a ``corrupt_shard`` event is added.
     """
     errors: list[BaseException] = []
+    streams: list[CheckedStream] = []
 
     def record(exn: BaseException) -> bool:
         errors.append(exn)
         return True
 
-    files = tar_file_expander(_opener(plan, record)([url]), handler=record)
+    def checked(sources):
+        for source in sources:
+            streams.append(CheckedStream(source["stream"]))
+            yield dict(source, stream=streams[-1])
+
+    files = tar_file_expander(checked(_opener(plan, record)([url])), handler=record)
     held = None
-    for sample in group_by_keys(files, handler=record, suffixes=set(plan.keys) or None):
-        if held is not None:
-            yield held
-        held = sample
+    try:
+        for sample in group_by_keys(files, handler=record, suffixes=set(plan.keys) or None):
+            if held is not None:
+                yield held
+            held = sample
+        if not errors and not all(stream.complete() for stream in streams):
+            errors.append(EOFError("the tar stream ends without its end-of-archive blocks (truncated)"))
+    finally:
+        for stream in streams:
+            stream.close()
     if errors:
         events.append(("corrupt_shard", url, f"{type(errors[0]).__name__}: {errors[0]}"))
     elif held is not None:

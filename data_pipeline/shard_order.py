@@ -101,14 +101,16 @@ def _entry_name_and_count(entry: dict, path: Path) -> tuple[str, int | None]:
 
 
 def manifest_paths(directory: Path) -> list[Path]:
-    """``manifest.json`` and, for multi-job (SLURM array) runs, every ``manifest*.json`` part.
+    """The manifest files to read in a shard directory.
 
-    Parts are read in sorted order; a shard listed twice (the merged manifest
-    and its part) is kept once.
+    `shapeflow preprocess` writes one part per job (``manifest-j{I}of{J}.json``, a SLURM array
+    writes several) and a merged view ``manifest.json`` that may lag behind the parts; the parts
+    are the truth, read in sorted order (the order of the merged view). A directory without parts
+    uses ``manifest.json``.
     """
+    parts = sorted(directory.glob("manifest-*.json"))
     main = directory / MANIFEST_NAME
-    parts = sorted(p for p in directory.glob("manifest*.json") if p != main)
-    return ([main] if main.exists() else []) + parts
+    return parts or ([main] if main.exists() else [])
 
 
 def read_manifest(path: str | os.PathLike) -> list[Shard]:

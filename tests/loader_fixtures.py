@@ -43,10 +43,11 @@ def build_shards(out: Path) -> Path:
     config = out.parent / f"{out.name}.yaml"
     config.write_text(TINY_CONFIG.format(occ=OCC_RESOLUTION))
     inputs = [str(REPO / "assets/meshes" / m) for m in MESHES] + [str(REPO / BROKEN)]
-    for job in (0, 1):
-        rc = cli.main(["preprocess", *inputs, "--out", str(out), "--config", str(config),
-                       "--job-index", str(job), "--num-jobs", "2"])
-        assert rc == 0, f"shapeflow preprocess job {job} failed with exit code {rc}"
+    codes = [cli.main(["preprocess", *inputs, "--out", str(out), "--config", str(config), "--no-progress",
+                       "--job-index", str(job), "--num-jobs", "2"]) for job in (0, 1)]
+    # exit code 3: "some inputs failed"; exactly one job got the broken input
+    assert sorted(codes) == [0, 3], f"shapeflow preprocess jobs exited with {codes}"
+    assert len((out / "failures.jsonl").read_text().splitlines()) == 1
     return out
 
 

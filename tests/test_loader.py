@@ -207,15 +207,18 @@ def test_dequantised_values_match_the_stored_ones(loader_shards):
 # failures, options, sources
 # ---------------------------------------------------------------------------
 
-def truncate(path, fraction=0.55):
+def truncate(path, cut):
     data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * fraction)])
+    size = int(len(data) * 0.55)
+    # "block": cut at a 512-byte tar block boundary, where Python's tarfile just stops without an error
+    path.write_bytes(data[: size - size % 512 if cut == "block" else size])
 
 
-def test_truncated_shard_is_skipped_counted_and_the_job_continues(shard_copy, all_ids):
+@pytest.mark.parametrize("cut", ["mid-member", "block"])
+def test_truncated_shard_is_skipped_counted_and_the_job_continues(shard_copy, all_ids, cut):
     victim = max(shard_files(shard_copy), key=lambda p: p.stat().st_size)
     victim_ids = set(stored_samples(shard_copy, [victim]))
-    truncate(victim)
+    truncate(victim, cut)
     with pytest.warns(LoaderWarning, match=victim.name):
         ranks = [make_loader(shard_copy, batch_size=2, mode="eval", seed=0, world_size=2, rank=r, **SMALL)
                  for r in range(2)]
@@ -261,14 +264,11 @@ def test_unknown_and_bad_options_name_the_problem(loader_shards):
 
 def test_every_source_form_reads_the_same_samples(loader_shards, all_ids, tmp_path):
     tars = shard_files(loader_shards)
-    digits = len(tars[0].stem.rsplit("-", 1)[-1])
-    prefix = tars[0].stem.rsplit("-", 1)[0]
-    brace = f"{loader_shards}/{prefix}-{{{'0' * digits}..{tars[-1].stem.rsplit('-', 1)[-1]}}}.tar"
     sources = {
-        "manifest": str(next(loader_shards.glob("manifest*.json"))) if (loader_shards / "manifest.json").exists()
-        else str(loader_shards),
+        "directory": str(loader_shards),
+        "manifest": str(loader_shards / "manifest.json"),
         "list": [str(p) for p in tars],
-        "brace": brace,
+        "brace": f"{loader_shards}/{{{','.join(p.name for p in tars)}}}",
         "pipe": [f"pipe:cat {p}" for p in tars],
     }
     expected = collections.Counter(all_ids)
@@ -285,3 +285,41 @@ def test_pipe_sources_stream_like_local_files(loader_shards):
     piped = make_loader([f"pipe:cat {p}" for p in tars], batch_size=2, mode="train", seed=4, **SMALL)
     local = make_loader([str(p) for p in tars], batch_size=2, mode="train", seed=4, **SMALL)
     assert [b["id"] for b in take(piped, 6)] == [b["id"] for b in take(local, 6)]
+
+
+@pytest.mark.filterwarnings("ignore:loader. no manifest counts")
+def test_dit_reads_cached_latents_class_ids_and_embeddings(loader_shards, tmp_path):
+    """Later schema keys (latent.npy, embedding.npy, a class in json) added to real samples."""
+    import io
+
+    import webdataset as wds
+
+    stored = stored_samples(loader_shards)
+    names = ["chair", "table"]
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    with wds.TarWriter(str(tmp_path / "extra-000000.tar")) as sink:
+        for n, (sample_id, s) in enumerate(sorted(stored.items())):
+            meta = dict(s["json"], **{"class": names[n % 2]})
+            sink.write({"__key__": sample_id, "json": json.dumps(meta).encode(),
+                        "latent.npy": npy(np.full((4, 2), n, np.float16)),
+                        "embedding.npy": npy(np.full((3, 5), -n, np.float16))})
+    source = str(tmp_path / "extra-000000.tar")
+    batch = next(iter(make_loader(source, task="dit", batch_size=3, mode="eval", seed=0, use_latents=True,
+                                  condition="class", class_names=names)))
+    assert set(batch) == {"id", "latent", "class_id", "center", "scale", "valid"}
+    assert batch["latent"].shape == (3, 4, 2) and batch["latent"].dtype == torch.float32
+    assert batch["class_id"].tolist() == [0, 1, 0] and batch["class_id"].dtype == torch.int64
+    assert batch["latent"][:, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    batch = next(iter(make_loader(source, task="dit", batch_size=2, mode="eval", seed=0, use_latents=True,
+                                  condition="embedding")))
+    assert batch["condition"].shape == (2, 3, 5) and batch["condition"][1, 0, 0] == -1.0
+    with pytest.warns(LoaderWarning, match="class 'table' is not in class_names"):
+        loader = make_loader(source, task="dit", batch_size=2, mode="eval", seed=0, use_latents=True,
+                             condition="class", class_names=["chair"])
+        rows = [i for b in loader for i, ok in zip(b["id"], b["valid"].tolist()) if ok]
+    assert len(rows) == (len(stored) + 1) // 2 and loader.stats["bad_samples"] == len(stored) // 2
