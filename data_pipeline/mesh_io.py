@@ -70,9 +70,11 @@ def _flatten(loaded) -> trimesh.Trimesh:
     kinds = {type(p).__name__ for p in parts}
     vertex_count = sum(len(getattr(p, "vertices", ())) for p in parts)
     if vertex_count == 0:
-        raise MeshError("empty: no vertices and no faces")
-    if "PointCloud" in kinds or kinds == {"Trimesh"}:
+        raise MeshError("no geometry: no vertices and no faces (empty file or unrecognised content)")
+    if "PointCloud" in kinds:
         raise MeshError(f"point cloud: {vertex_count} vertices and no faces")
+    if kinds == {"Trimesh"}:   # trimesh drops OBJ line elements, so a wireframe OBJ lands here too
+        raise MeshError(f"no faces: {vertex_count} vertices only (a point cloud or a wireframe)")
     raise MeshError(f"wireframe: only lines/curves ({', '.join(sorted(kinds))}), no faces")
 
 

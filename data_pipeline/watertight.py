@@ -80,7 +80,7 @@ def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = Fals
         start = time.perf_counter()
         axis = np.arange(R + 1)
         exact = _ExactPoints(np.meshgrid(axis, axis, axis, indexing="ij"), R)
-        exact.distance = queries.distance(exact.xyz)
+        exact.distance, exact.face = queries.distance(exact.xyz)
         exact.abs_winding = np.abs(queries.winding(exact.xyz))
         inside = np.zeros((R + 1,) * 3, dtype=bool)
         inside.reshape(-1)[:] = exact.abs_winding > 0.5
@@ -96,8 +96,9 @@ def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = Fals
 
     far = (cfg.band_voxels + 1) * voxel
     grid = np.where(inside, -far, far).astype(np.float32)
+    _confirm_sheets(exact, queries, cfg.sheet_winding, voxel)
     grid[exact.index] = np.clip(_band_values(exact, inside[exact.index], eps, cfg.sheet_winding), -far, far)
-    _finish_field(grid, far)
+    _finish_field(grid, far, voxel)
     return SignedGrid(field=grid, resolution=R, band_points=len(exact.distance),
                       winding_evaluations=queries.winding_count, distance_evaluations=queries.distance_count,
                       timings=timings)
@@ -117,11 +118,18 @@ class _MeshQueries:
             return np.zeros(0)
         return igl.fast_winding_number(self.V, self.F, np.ascontiguousarray(xyz, dtype=np.float64))
 
-    def distance(self, xyz: np.ndarray) -> np.ndarray:
+    def distance(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unsigned distances [n] and the index of the closest face [n]."""
         self.distance_count += len(xyz)
         if len(xyz) == 0:
-            return np.zeros(0)
-        return np.sqrt(igl.point_mesh_squared_distance(np.ascontiguousarray(xyz, dtype=np.float64), self.V, self.F)[0])
+            return np.zeros(0), np.zeros(0, dtype=np.int64)
+        squared, face, _ = igl.point_mesh_squared_distance(np.ascontiguousarray(xyz, dtype=np.float64), self.V, self.F)
+        return np.sqrt(squared), face
+
+    def face_normals(self, face: np.ndarray) -> np.ndarray:
+        a, b, c = (self.V[self.F[face, k]] for k in range(3))
+        n = np.cross(b - a, c - a)
+        return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-30)
 
 
 class _ExactPoints:
@@ -131,7 +139,23 @@ class _ExactPoints:
         self.index = tuple(np.asarray(i).reshape(-1) for i in index)
         self.xyz = _grid_points(self.index, R)
         self.distance = np.zeros(len(self.xyz))
+        self.face = np.zeros(len(self.xyz), dtype=np.int64)     # closest input face
         self.abs_winding = np.full(len(self.xyz), np.nan)
+
+
+def _confirm_sheets(exact: _ExactPoints, queries: _MeshQueries, sheet_winding, voxel: float) -> None:
+    """A grid point lying (almost) on a closed surface also has |w| = 1/2. Such points count as an
+    open sheet only if |w| stays near 1/2 half a voxel to both sides of their closest face."""
+    lo, hi = sheet_winding
+    with np.errstate(invalid="ignore"):
+        suspect = np.nonzero((exact.abs_winding > lo) & (exact.abs_winding < hi) & (exact.distance < 0.25 * voxel))[0]
+    if len(suspect) == 0:
+        return
+    offset = 0.5 * voxel * queries.face_normals(exact.face[suspect])
+    sides = np.abs(queries.winding(np.concatenate([exact.xyz[suspect] + offset, exact.xyz[suspect] - offset])))
+    front, back = sides[:len(suspect)], sides[len(suspect):]
+    closed = ~((front > lo) & (front < hi) & (back > lo) & (back < hi))
+    exact.abs_winding[suspect[closed]] = np.maximum(front, back)[closed]   # the inside side's value
 
 
 def _band_values(exact: _ExactPoints, inside: np.ndarray, eps: float, sheet_winding) -> np.ndarray:
@@ -144,14 +168,17 @@ def _band_values(exact: _ExactPoints, inside: np.ndarray, eps: float, sheet_wind
     return values
 
 
-def _finish_field(grid: np.ndarray, far: float) -> None:
-    """Grid border outside (so the surface closes) and no exact zeros (they make degenerate triangles)."""
+def _finish_field(grid: np.ndarray, far: float, voxel: float) -> None:
+    """Grid border outside (so the surface closes) and no values within 1e-4 voxel of zero: a grid
+    point on the surface would give several coincident marching-cubes vertices (degenerate,
+    non-manifold triangles)."""
     for axis in range(3):
         index = [slice(None)] * 3
         for end in (0, -1):
             index[axis] = end
             grid[tuple(index)] = far
-    grid[grid == 0] = np.float32(1e-7)
+    tiny = np.float32(1e-4 * voxel)
+    grid[np.abs(grid) < tiny] = tiny
 
 
 def _grid_points(index: tuple[np.ndarray, ...], R: int) -> np.ndarray:
@@ -221,7 +248,7 @@ def _inside_by_refinement(queries: _MeshQueries, near_cells: np.ndarray, band: n
         r *= 2
     if exact is None:  # coarse level == finest level: everything was evaluated
         exact = _ExactPoints(np.nonzero(band), R)
-        exact.distance = queries.distance(exact.xyz)
+        exact.distance, exact.face = queries.distance(exact.xyz)
         exact.abs_winding = np.abs(queries.winding(exact.xyz))
     return inside, exact
 
@@ -251,7 +278,7 @@ def _refine(inside_c: np.ndarray, near_c: np.ndarray, queries: _MeshQueries, ban
     if band is not None:
         ask |= band
     exact = _ExactPoints(np.nonzero(ask), 2 * r)
-    exact.distance = queries.distance(exact.xyz)
+    exact.distance, exact.face = queries.distance(exact.xyz)
     voxel = GRID_HALF_EXTENT / r
     index = np.stack(exact.index, axis=1)
     odd = index % 2
