@@ -2,6 +2,7 @@
 MLflow read-back, exact resume after a kill, DiT on a frozen VAE."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -157,3 +158,20 @@ def test_dit_trains_on_latents_of_a_frozen_vae_and_samples_meshes(train_shards, 
     metrics = client.get_run(summary["mlflow_run_id"]).data.metrics
     assert "loss" in metrics and ("loss_t0" in metrics or "loss_t1" in metrics)
     assert (run_dir / "eval" / "step_00000003" / "sample_00.png").exists()
+
+    # `shapeflow sample` (EMA weights, Euler + decode + marching cubes) and `shapeflow eval` on these checkpoints
+    out = tmp_path / "samples"
+    rc = cli.main(["sample", str(run_dir / "checkpoints" / "step_00000003"), "--out", str(out), "--num", "2",
+                   "--steps", "3", "--resolution", "16", "--format", "obj", "--preview"])
+    assert rc == 0
+    listing = json.loads((out / "samples.json").read_text())
+    assert len([f for f in listing["files"] if f.endswith(".png")]) == 2
+    assert listing["empty"] + len([f for f in listing["files"] if f.endswith(".obj")]) == 2
+    metrics_file = tmp_path / "eval.json"
+    rc = cli.main(["eval", str(vae_ckpt), "--data", str(train_shards), "--out", str(metrics_file),
+                   "--resolution", "16", "--max-samples", "3", "--batch-size", "2", "--surface-points", "512"])
+    assert rc == 0
+    report = json.loads(metrics_file.read_text())
+    assert report["samples"] == 3 and 0.0 <= report["mean"]["iou"] <= 1.0
+    assert {"id", "iou", "chamfer", "fscore"} <= set(report["per_sample"][0])
+    assert cli.main(["sample", str(vae_ckpt), "--out", str(out)]) == 2  # a VAE is not a DiT

@@ -86,6 +86,11 @@ def vecset_token_counts(cfg: models.VecSetVAEConfig, batch: dict[str, Any]) -> t
     return uniform, sharp
 
 
+def vae_num_surface(cfg: TrainConfig, net: nn.Module) -> int:
+    """Surface points per sample a VecSet VAE run feeds its encoder (data.options or the default)."""
+    return int(cfg.data.options.get("num_surface", max(4 * net.config.num_latents, 512)))
+
+
 class VaeObjective(nn.Module):
     """Reconstruction + KL for the VecSet or voxel VAE; ``forward`` returns loss terms and metrics."""
 
@@ -154,9 +159,7 @@ class VaeTask:
     def loader_options(self) -> dict[str, Any]:
         if self.voxel:  # the grid is the input and the target; point queries are not needed
             return {"occupancy": True, "num_vol": 0, "num_near": 0, "num_surface": 1, **self.cfg.data.options}
-        net_cfg = self.net.config
-        defaults = {"num_surface": max(4 * net_cfg.num_latents, 512), "num_sharp": 0}
-        return {**defaults, **self.cfg.data.options}
+        return {"num_surface": vae_num_surface(self.cfg, self.net), "num_sharp": 0, **self.cfg.data.options}
 
     def derived(self) -> dict[str, Any]:
         return {}
@@ -223,6 +226,7 @@ class DitTask:
             raise ConfigError(f"vae.checkpoint: a {cfg.model.name} needs a {'voxel' if self.voxel else 'vecset'} VAE")
         self.scale_factor: float | None = cfg.vae.scale_factor
         self.model_overrides: dict[str, Any] | None = None
+        self.latent_shape: list[int] | None = None   # one sample's latent shape (what the sampler draws)
         self.net: nn.Module | None = None
         self.objective: nn.Module | None = None
 
@@ -236,7 +240,7 @@ class DitTask:
         else:
             vae_data = self.vae_cfg.data.options if self.vae_cfg else {}
             opts = {k: vae_data[k] for k in ("num_surface", "num_sharp", "surface_sampling") if k in vae_data}
-            opts.setdefault("num_surface", max(4 * self.vae.config.num_latents, 512))
+            opts.setdefault("num_surface", vae_num_surface(self.vae_cfg, self.vae))
         if self.cfg.condition.kind in ("class", "embedding") and not self.voxel:
             opts["condition"] = self.cfg.condition.kind
         return {**opts, **self.cfg.data.options}
@@ -275,7 +279,7 @@ class DitTask:
     def prepare(self, make_loader, engine) -> None:
         """Measure the latent scale factor (1 / std over a few batches, averaged over ranks) and
         derive the network's shape from the latents; then build the network."""
-        if self.model_overrides is None or self.scale_factor is None:
+        if self.model_overrides is None or self.scale_factor is None or self.latent_shape is None:
             loader = make_loader(seed_offset=1)
             batches = [to_device(b, self.device) for b, _ in zip(loader, range(self.cfg.vae.scale_batches))]
             lat = torch.cat([self.latents(b, None) for b in batches])
@@ -285,6 +289,7 @@ class DitTask:
                 self.scale_factor = 1.0 / std
             if self.model_overrides is None:
                 self.model_overrides = self._derive_overrides(lat)
+            self.latent_shape = list(lat.shape[1:])
         self._build()
 
     def _derive_overrides(self, lat: Tensor) -> dict[str, Any]:
@@ -308,11 +313,13 @@ class DitTask:
         self.objective = DitObjective(self.net)
 
     def derived(self) -> dict[str, Any]:
-        return {"scale_factor": self.scale_factor, "model_overrides": self.model_overrides}
+        return {"scale_factor": self.scale_factor, "model_overrides": self.model_overrides,
+                "latent_shape": self.latent_shape}
 
     def restore(self, derived: dict[str, Any]) -> None:
         self.scale_factor = derived["scale_factor"]
         self.model_overrides = derived["model_overrides"]
+        self.latent_shape = derived.get("latent_shape")
 
     # -- one micro-step -----------------------------------------------------------
     def compute(self, model: nn.Module, batch: dict[str, Any], rand: BatchRandom, step: int):
