@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-index", type=int, default=0, help="this job's part of the inputs (0-based)")
     parser.add_argument("--num-jobs", type=int, default=1, help="number of disjoint parts (SLURM array size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Overrides may follow the options (`INPUT --out DIR --config C key=value`), which plain
+    # parse_args rejects for a nargs="+" positional; the intermixed parser accepts it.
+    parser.parse_args = parser.parse_intermixed_args
 
 
 # ---------------------------------------------------------------------------
