@@ -193,7 +193,8 @@ def test_two_node_training_logs_one_run_and_resumes(slurm_env, preprocessed, tmp
     client, runs = _mlflow_runs(run_dir)
     assert len(runs) == 1, [r.info.run_id for r in runs]
     run = runs[0]
-    assert _world_size(run) == "2", f"world size not 2 in MLflow: {run.data.params} {run.data.tags}"
+    assert _world_size(run) == "2", ("the run must record its world size in MLflow (a param, tag or metric "
+                                     f"named *world_size*): params {run.data.params}, tags {run.data.tags}")
     first_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert first_steps and first_steps[-1] == 2, first_steps
     checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
