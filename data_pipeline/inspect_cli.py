@@ -3,7 +3,8 @@
 Prints per-shard sample counts (checked against the manifest), every stored key
 with its dtypes, row counts and value ranges (coordinates dequantised to the
 normalised space), the preprocessing failures summary (failures.jsonl), and
-writes a preview PNG of a few samples' query points coloured by SDF. Exit code
+writes a preview PNG of a few samples' query points (near-surface ones and the volume
+queries inside the shape) coloured by SDF. Exit code
 1 when a shard cannot be read or disagrees with the manifest.
 """
 from __future__ import annotations
@@ -64,22 +65,34 @@ def decode_value(key: str, data: bytes):
 
 
 def preview_points(raw: dict, rng: np.random.Generator):
-    pairs = [(k, f"{k}_sdf.npy") for k in ("near", "vol")]
+    """Near-surface queries plus the volume queries inside the shape (far outside ones hide the shape)."""
     points, sdf = [], []
-    for key, sdf_key in pairs:
-        if f"{key}.npy" in raw and sdf_key in raw:
-            points.append(dequantize_coords(decode_value(f"{key}.npy", raw[f"{key}.npy"])))
-            sdf.append(decode_value(sdf_key, raw[sdf_key]).astype(np.float32))
-    if not points:
+    for key in ("near", "vol"):
+        if f"{key}.npy" in raw and f"{key}_sdf.npy" in raw:
+            xyz = dequantize_coords(decode_value(f"{key}.npy", raw[f"{key}.npy"]))
+            values = decode_value(f"{key}_sdf.npy", raw[f"{key}_sdf.npy"]).astype(np.float32)
+            keep = values < 0 if key == "vol" else slice(None)
+            points.append(xyz[keep])
+            sdf.append(values[keep])
+    if not points or not sum(len(p) for p in points):
         return None
     points, sdf = np.concatenate(points), np.concatenate(sdf)
     keep = rng.choice(len(points), min(PREVIEW_POINTS, len(points)), replace=False)
     return points[keep], sdf[keep]
 
 
+def sample_title(raw: dict) -> str:
+    try:
+        meta = json.loads(raw["json"])
+    except (KeyError, ValueError):
+        return str(raw["__key__"])
+    return Path(str(meta.get("source", raw["__key__"]))).name
+
+
 def scan(source: str, num_preview: int) -> Summary:
     shards = resolve_source(source)
-    plan = Plan(shards, "inspect", None, 1, "eval", 0, 0, 1, 1, 0, None, -1)
+    plan = Plan(shards, task="inspect", options=None, batch_size=1, mode="eval", seed=0, rank=0, world_size=1,
+                workers=1, shuffle_buffer=0, cache_dir=None, cache_size=-1)  # keys=(): keep every member
     summary, rng = Summary(), np.random.default_rng(0)
     for shard in shards:
         events: list = []
@@ -95,7 +108,7 @@ def scan(source: str, num_preview: int) -> Summary:
                 else:
                     summary.keys[key].present += 1
             if len(summary.preview) < num_preview and (pts := preview_points(raw, rng)) is not None:
-                summary.preview.append((raw["__key__"], *pts))
+                summary.preview.append((sample_title(raw), *pts))
         error = events[0][2] if events else ""
         summary.shards.append((shard.url, count, shard.num_samples, error))
         summary.samples += count
@@ -119,13 +132,12 @@ def write_preview(summary: Summary, out: str) -> None:
     import matplotlib.pyplot as plt
 
     count = max(1, len(summary.preview))
-    fig = plt.figure(figsize=(4 * count, 4.4))
-    for i, (key, points, sdf) in enumerate(summary.preview):
+    fig = plt.figure(figsize=(4.5 * count, 4.5))
+    for i, (title, points, sdf) in enumerate(summary.preview):
         ax = fig.add_subplot(1, count, i + 1, projection="3d")
-        limit = max(float(np.abs(sdf).max()), 1e-6) if len(sdf) else 1.0
-        limit = min(limit, 0.1)  # the interesting part is near the surface
+        limit = 0.05  # colour saturates beyond: the interesting part is near the surface
         art = ax.scatter(*points.T, c=np.clip(sdf, -limit, limit), cmap="coolwarm", s=1, vmin=-limit, vmax=limit)
-        ax.set_title(str(key)[:24], fontsize=8)
+        ax.set_title(title[:32], fontsize=9)
         ax.set_xlim(-1.05, 1.05), ax.set_ylim(-1.05, 1.05), ax.set_zlim(-1.05, 1.05)
         fig.colorbar(art, ax=ax, shrink=0.6, label="SDF (blue inside)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

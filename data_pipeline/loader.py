@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import random
+import tarfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -45,10 +46,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.cache import FileCache, StreamingOpen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from data_pipeline.batches import (
-    BadSample, collate, draw_token_count, parse_task_options, required_keys, sample_arrays,
+    BadSample, collate, draw_token_count, optional_keys, parse_task_options, required_keys, sample_arrays,
 )
 from data_pipeline.shard_order import (
     TAG_BATCH, TAG_SAMPLE, TAG_SHUFFLE, Shard, eval_batches_per_stream, eval_segments, fingerprint,
@@ -61,7 +62,6 @@ MODES = ("train", "eval")
 CURSOR_FORMAT = 1
 MAX_EMPTY_EPOCHS = 3     # a training stream that reads nothing this many epochs in a row raises
 MAX_LOGGED_FAILURES = 100
-OPTIONAL_KEYS = ("sharp_near.npy", "sharp_near_sdf.npy")
 
 
 class LoaderWarning(UserWarning):
@@ -83,7 +83,7 @@ class Plan:
     shuffle_buffer: int
     cache_dir: str | None
     cache_size: int
-    keys: tuple[str, ...] = ()      # tar members to keep (others are read but dropped)
+    keys: tuple[str, ...] = ()      # tar members the task uses (local shards skip the others unread)
 
     @property
     def num_streams(self) -> int:
@@ -143,6 +143,56 @@ def _opener(plan: Plan, record):
     return StreamingOpen(handler=record)
 
 
+def _recorder(errors: list):
+    """A webdataset exception handler that records the error and lets the pipeline go on."""
+    def record(exn: BaseException) -> bool:
+        errors.append(exn)
+        return True
+    return record
+
+
+def local_tar_files(path: str, errors: list, wanted: set[str]) -> Iterator[dict]:
+    """Members of a local uncompressed tar, read with seeks (2-3x faster than tarfile's stream mode).
+
+    Only members whose suffix is in ``wanted`` (all when empty) are read; the others are skipped.
+
+    A tar cut anywhere (inside a member, a header, or before the end-of-archive blocks) adds an
+    error; tarfile alone stops silently when the cut falls on a header.
+    """
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.isfile() and not member.name.startswith("__") and (
+                        not wanted or base_plus_ext(member.name)[1] in wanted):
+                    yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": path}
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(len(CheckedStream.END_MARKER)) != CheckedStream.END_MARKER:
+                raise EOFError("the tar file ends without its end-of-archive blocks (truncated)")
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        errors.append(exn)
+
+
+def streamed_tar_files(url: str, plan: Plan, errors: list) -> Iterator[dict]:
+    """Members of any shard webdataset can open (pipe:, http, object stores; cached if asked)."""
+    streams: list[CheckedStream] = []
+
+    def checked(sources):
+        for source in sources:
+            streams.append(CheckedStream(source["stream"]))
+            yield dict(source, stream=streams[-1])
+
+    try:
+        yield from tar_file_expander(checked(_opener(plan, _recorder(errors))([url])), handler=_recorder(errors))
+        if not errors and not all(stream.complete() for stream in streams):
+            errors.append(EOFError("the tar stream ends without its end-of-archive blocks (truncated)"))
+    finally:
+        for stream in streams:
+            try:
+                stream.close()  # a pipe reports its command's exit status here
+            except OSError as exn:
+                errors.append(exn)
+
+
 def shard_samples(url: str, plan: Plan, events: list) -> Iterator[dict]:
     """Raw samples (dict of bytes) of one shard, in tar order.
 
@@ -151,31 +201,16 @@ def shard_samples(url: str, plan: Plan, events: list) -> Iterator[dict]:
     be incomplete, and a ``corrupt_shard`` event is added.
     """
     errors: list[BaseException] = []
-    streams: list[CheckedStream] = []
-
-    def record(exn: BaseException) -> bool:
-        errors.append(exn)
-        return True
-
-    def checked(sources):
-        for source in sources:
-            streams.append(CheckedStream(source["stream"]))
-            yield dict(source, stream=streams[-1])
-
-    files = tar_file_expander(checked(_opener(plan, record)([url])), handler=record)
+    fast = _is_local(url) and url.endswith(".tar")
+    files = local_tar_files(url, errors, set(plan.keys)) if fast else streamed_tar_files(url, plan, errors)
     held = None
-    try:
-        for sample in group_by_keys(files, handler=record, suffixes=set(plan.keys) or None):
-            if held is not None:
-                yield held
-            held = sample
-        if not errors and not all(stream.complete() for stream in streams):
-            errors.append(EOFError("the tar stream ends without its end-of-archive blocks (truncated)"))
-    finally:
-        for stream in streams:
-            stream.close()
+    for sample in group_by_keys(files, handler=_recorder(errors), suffixes=set(plan.keys) or None):
+        if held is not None:
+            yield held
+        held = sample
     if errors:
-        events.append(("corrupt_shard", url, f"{type(errors[0]).__name__}: {errors[0]}"))
+        first = errors[0]
+        events.append(("corrupt_shard", url, f"{type(first).__name__}: {first.args[0] if first.args else first}"))
     elif held is not None:
         yield held
 
@@ -507,7 +542,7 @@ def make_loader(source: str | os.PathLike | Sequence[str | os.PathLike], *, task
         os.makedirs(cache_dir, exist_ok=True)
     options = parse_task_options(task, task_options)
     rank, world_size = _rank_and_world(rank, world_size)
-    keys = required_keys(task, options) + OPTIONAL_KEYS
+    keys = required_keys(task, options) + optional_keys(task, options)
     plan = Plan(resolve_source(source), task, options, batch_size, mode, int(seed), rank, world_size,
                 max(1, num_workers), shuffle_buffer, cache_dir, cache_size, keys)
     if mode == "eval":
