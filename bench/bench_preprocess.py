@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.mesh_io import MESH_EXTENSIONS, load_mesh, normalise  # noqa: E402
 from data_pipeline.preprocess import MeshTask, file_sha256, mesh_id, process_mesh  # noqa: E402
 from data_pipeline.preprocess_config import PreprocessConfig, WatertightConfig  # noqa: E402
-from data_pipeline.watertight import extract_surface, make_watertight, signed_grid, _MeshQueries  # noqa: E402
+from data_pipeline.watertight import extract_surface, make_watertight, signed_grid, MeshQueries  # noqa: E402
 
 
 def timed(fn):
@@ -49,7 +49,7 @@ def dense_estimate(mesh: trimesh.Trimesh, resolution: int, sample: int, mc_secon
     rng = np.random.default_rng(0)
     index = rng.integers(0, resolution + 1, size=(sample, 3))
     xyz = index * (2.0 / resolution) - 1.0
-    queries = _MeshQueries(mesh)
+    queries = MeshQueries(mesh)
     _, seconds = timed(lambda: (queries.distance(xyz), queries.winding(xyz)))
     return seconds / sample * (resolution + 1) ** 3 + mc_seconds
 

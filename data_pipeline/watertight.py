@@ -74,16 +74,11 @@ def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = Fals
     R = cfg.resolution
     voxel = 2 * GRID_HALF_EXTENT / R
     eps = cfg.shell_voxels * voxel
-    queries = _MeshQueries(mesh)
+    queries = MeshQueries(mesh)
     timings: dict[str, float] = {}
     if dense:
         start = time.perf_counter()
-        axis = np.arange(R + 1)
-        exact = _ExactPoints(np.meshgrid(axis, axis, axis, indexing="ij"), R)
-        exact.distance, exact.face = queries.distance(exact.xyz)
-        exact.abs_winding = np.abs(queries.winding(exact.xyz))
-        inside = np.zeros((R + 1,) * 3, dtype=bool)
-        inside.reshape(-1)[:] = exact.abs_winding > 0.5
+        inside, exact = _inside_dense(queries, R)
         timings["dense_field"] = time.perf_counter() - start
     else:
         start = time.perf_counter()
@@ -104,7 +99,16 @@ def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = Fals
                       timings=timings)
 
 
-class _MeshQueries:
+def _inside_dense(queries: MeshQueries, R: int) -> tuple[np.ndarray, _ExactPoints]:
+    """The baseline: distance and winding number at every grid point."""
+    axis = np.arange(R + 1)
+    exact = _ExactPoints(np.meshgrid(axis, axis, axis, indexing="ij"), R)
+    exact.distance, exact.face = queries.distance(exact.xyz)
+    exact.abs_winding = np.abs(queries.winding(exact.xyz))
+    return (exact.abs_winding > 0.5).reshape((R + 1,) * 3), exact
+
+
+class MeshQueries:
     """Winding numbers and unsigned distances of the input mesh at query points, with counters."""
 
     def __init__(self, mesh: trimesh.Trimesh) -> None:
@@ -143,7 +147,7 @@ class _ExactPoints:
         self.abs_winding = np.full(len(self.xyz), np.nan)
 
 
-def _confirm_sheets(exact: _ExactPoints, queries: _MeshQueries, sheet_winding, voxel: float) -> None:
+def _confirm_sheets(exact: _ExactPoints, queries: MeshQueries, sheet_winding, voxel: float) -> None:
     """A grid point lying (almost) on a closed surface also has |w| = 1/2. Such points count as an
     open sheet only if |w| stays near 1/2 half a voxel to both sides of their closest face."""
     lo, hi = sheet_winding
@@ -230,7 +234,7 @@ def _pool(cells: np.ndarray, factor: int) -> np.ndarray:
     return cells.reshape(r, factor, r, factor, r, factor).any(axis=(1, 3, 5))
 
 
-def _inside_by_refinement(queries: _MeshQueries, near_cells: np.ndarray, band: np.ndarray, r0: int,
+def _inside_by_refinement(queries: MeshQueries, near_cells: np.ndarray, band: np.ndarray, r0: int,
                           eps: float) -> tuple[np.ndarray, _ExactPoints]:
     """bool [R+1]^3 inside mask, and the finest-level points with exact distances (band included)."""
     R = near_cells.shape[0]
@@ -253,7 +257,7 @@ def _inside_by_refinement(queries: _MeshQueries, near_cells: np.ndarray, band: n
     return inside, exact
 
 
-def _refine(inside_c: np.ndarray, near_c: np.ndarray, queries: _MeshQueries, band, eps: float):
+def _refine(inside_c: np.ndarray, near_c: np.ndarray, queries: MeshQueries, band, eps: float):
     """Inside mask on a grid twice as fine.
 
     New points whose parent cell has agreeing corners and no surface copy that sign. In the other
