@@ -81,6 +81,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _float_from_yaml_string(value, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
         return float(value)
@@ -91,6 +93,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
+
+
+def _float_from_yaml_string(text: str, key: str) -> float:
+    """YAML 1.1 reads ``2e-3`` (no dot) as a string; accept any text Python reads as a float."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected float, got {text!r}") from None
 
 
 def _resolved_hints(cls: type) -> dict[str, Any]:
@@ -195,12 +205,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Defaults of ``cls``, updated by the YAML file at ``path`` (if any), then by overrides."""
+    overrides = list(overrides)
     data = read_yaml(path) if path else {}
+    if path:
+        try:
+            from_dict(cls, data)  # check the file alone first, so errors name where they come from
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in {path})") from None
     try:
         return from_dict(cls, apply_overrides(data, overrides))
     except ConfigError as err:
-        where = f" (in {path})" if path else ""
-        raise ConfigError(f"{err}{where}") from None
+        raise ConfigError(f"{err} (from the command-line overrides)") from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

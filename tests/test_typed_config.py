@@ -41,6 +41,22 @@ def test_int_is_accepted_for_float_and_null_for_optional():
     assert isinstance(cfg.inner.lr, float) and cfg.inner.name is None
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 (PyYAML) reads 2e-3 as the string "2e-3"
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 2e-3\n")
+    assert load_config(Outer, path).inner.lr == 0.002
+    assert load_config(Outer, None, ["inner.lr=5e-4"]).inner.lr == 0.0005
+
+
+def test_error_says_whether_file_or_override_is_wrong(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("steps: 3\n")
+    with pytest.raises(ConfigError, match="command-line overrides") as info:
+        load_config(Outer, path, ["steps=x"])
+    assert "ok.yaml" not in str(info.value)
+
+
 @pytest.mark.parametrize("override, needle", [
     ("stepz=3", "stepz"),
     ("inner.lrr=3", "inner.lrr"),
