@@ -231,8 +231,8 @@ def test_truncated_shard_is_skipped_counted_and_the_job_continues(shard_copy, al
     assert sum(loader.stats["corrupt_shards"] for loader in ranks) == 1
     assert [str(victim)] in [loader.stats["failed_shards"] for loader in ranks]
 
-    train = make_loader(shard_copy, batch_size=2, mode="train", seed=0, **SMALL)
-    with pytest.warns(LoaderWarning, match=victim.name):
+    train = make_loader(shard_copy, batch_size=2, mode="train", seed=0, num_workers=2, **SMALL)
+    with pytest.warns(LoaderWarning, match=victim.name):  # events travel from the workers with the batches
         ids = [i for b in take(train, 12) for i in b["id"]]   # > one epoch: the job continues
     assert len(ids) == 24 and set(ids) <= set(all_ids)
     assert train.stats["corrupt_shards"] >= 1 and train.stats["failed_shards"] == [str(victim)]
@@ -323,3 +323,12 @@ def test_dit_reads_cached_latents_class_ids_and_embeddings(loader_shards, tmp_pa
                              condition="class", class_names=["chair"])
         rows = [i for b in loader for i, ok in zip(b["id"], b["valid"].tolist()) if ok]
     assert len(rows) == (len(stored) + 1) // 2 and loader.stats["bad_samples"] == len(stored) // 2
+
+
+def test_manifest_parts_are_the_truth_when_the_merged_view_lags(shard_copy, all_ids):
+    """A SLURM-array job may have written a shard that manifest.json does not list yet."""
+    merged = json.loads((shard_copy / "manifest.json").read_text())
+    merged["shards"] = merged["shards"][:-1]
+    (shard_copy / "manifest.json").write_text(json.dumps(merged))
+    loader = make_loader(shard_copy, batch_size=4, mode="eval", seed=0, **SMALL)
+    assert sorted(i for b in loader for i, ok in zip(b["id"], b["valid"].tolist()) if ok) == all_ids
