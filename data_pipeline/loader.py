@@ -53,7 +53,7 @@ from data_pipeline.batches import (
 )
 from data_pipeline.shard_order import (
     TAG_BATCH, TAG_SAMPLE, TAG_SHUFFLE, Shard, eval_batches_per_stream, eval_segments, fingerprint,
-    resolve_source, seeded_rng, training_units,
+    parts_per_shard, resolve_source, seeded_rng, training_units,
 )
 
 log = logging.getLogger(__name__)
@@ -547,4 +547,6 @@ def make_loader(source: str | os.PathLike | Sequence[str | os.PathLike], *, task
                 max(1, num_workers), shuffle_buffer, cache_dir, cache_size, keys)
     if mode == "eval":
         plan.shards = _with_counts(plan.shards, plan)
+    else:
+        parts_per_shard([s.num_samples for s in plan.shards], plan.num_streams)  # fewer samples than streams raises
     return ShardLoader(plan, num_workers, prefetch_factor)

@@ -258,6 +258,8 @@ def test_unknown_and_bad_options_name_the_problem(loader_shards):
         make_loader(loader_shards, task="gan", batch_size=2, mode="train", seed=0)
     with pytest.raises(ValueError, match="mode"):
         make_loader(loader_shards, task="vae", batch_size=2, mode="training", seed=0)
+    with pytest.raises(ValueError, match="at least one sample per stream"):
+        make_loader(loader_shards, batch_size=2, mode="train", seed=0, world_size=8, rank=0, num_workers=2, **SMALL)
     with pytest.raises(FileNotFoundError, match="nope.tar"):
         make_loader(str(loader_shards / "nope.tar"), task="vae", batch_size=2, mode="train", seed=0)
 
