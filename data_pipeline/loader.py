@@ -7,15 +7,18 @@ docs/loader.md. How it works, in the order data flows:
    *stream* (one per rank x dataloader worker) into its work: whole shards (or
    interleaved parts of shards) permuted by (seed, epoch) in training mode, a
    contiguous balanced range of samples in evaluation mode.
-2. Each shard is read with webdataset's tar iterators (local files, ``pipe:``
-   and other URLs, optional file cache). A read error ends that shard: the
-   samples before it are kept, the last (possibly incomplete) one is dropped,
-   a ``corrupt_shard`` event names the shard, and the stream goes on.
-3. Training mode: a shuffle buffer with an RNG seeded by (seed, epoch, stream)
-   mixes raw (undecoded) samples across shards; the stream loops over epochs
-   forever. Evaluation mode: no shuffle; every stream yields exactly the same
-   number of batches, the last ones padded with repeated samples marked
-   ``valid == False``, so all ranks finish together.
+2. Each shard is read into raw samples: local ``.tar`` files with seeks (members
+   the task does not use are skipped), everything else (``pipe:``, http, object
+   stores; optional file cache) through webdataset's openers and tar iterator;
+   webdataset groups the members by key. A read error or a missing end-of-archive
+   marker ends that shard: the samples before it are kept, the last (possibly
+   incomplete) one is dropped, a ``corrupt_shard`` event names the shard, and the
+   stream goes on.
+3. Training mode: each stream reads a few of its shards in turns, and a shuffle
+   buffer with an RNG seeded by (seed, epoch, stream) mixes the raw (undecoded)
+   samples; the stream loops over epochs forever. Evaluation mode: no shuffle;
+   every stream yields exactly the same number of batches, the last ones padded
+   with repeated samples marked ``valid == False``, so all ranks finish together.
 4. Surviving samples are decoded by :mod:`data_pipeline.batches` (per-sample
    randomness seeded by (seed, epoch, sample id)) and collated.
 
@@ -31,6 +34,7 @@ produced again after a restore.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -62,6 +66,7 @@ MODES = ("train", "eval")
 CURSOR_FORMAT = 1
 MAX_EMPTY_EPOCHS = 3     # a training stream that reads nothing this many epochs in a row raises
 MAX_LOGGED_FAILURES = 100
+OPEN_SHARDS = 4          # shards a training stream reads in turns (mixing before the shuffle buffer)
 
 
 class LoaderWarning(UserWarning):
@@ -242,17 +247,39 @@ def buffered_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generato
         yield buffer[j]
 
 
+def interleave(sources: Iterator[Iterator[dict]], width: int) -> Iterator[dict]:
+    """Round-robin over ``width`` open sources at a time; a finished source is replaced by the next one."""
+    pending = iter(sources)
+    active = list(itertools.islice(pending, width))
+    i = 0
+    while active:
+        i %= len(active)
+        try:
+            yield next(active[i])
+            i += 1
+        except StopIteration:
+            replacement = next(pending, None)
+            if replacement is None:
+                active.pop(i)
+            else:
+                active[i] = replacement
+
+
+def unit_samples(plan: Plan, unit, events: list) -> Iterator[dict]:
+    for index, raw in enumerate(shard_samples(plan.shards[unit.shard].url, plan, events)):
+        if unit.owns(index):
+            yield raw
+
+
 def training_epoch_samples(plan: Plan, stream: int, epoch: int, events: list) -> Iterator[dict]:
-    """The raw samples a training stream reads in ``epoch``, shuffled: a pure function of the arguments."""
+    """The raw samples a training stream reads in ``epoch``, shuffled: a pure function of the arguments.
+
+    ``OPEN_SHARDS`` of the stream's shards are read in turns, and a shuffle buffer mixes the result,
+    so neighbouring samples of one shard rarely end up in the same batch.
+    """
     units = training_units([s.num_samples for s in plan.shards], plan.num_streams, plan.seed, epoch)[stream]
-
-    def unshuffled():
-        for unit in units:
-            for index, raw in enumerate(shard_samples(plan.shards[unit.shard].url, plan, events)):
-                if unit.owns(index):
-                    yield raw
-
-    return buffered_shuffle(unshuffled(), plan.shuffle_buffer, seeded_rng(plan.seed, epoch, stream, TAG_SHUFFLE))
+    mixed = interleave((unit_samples(plan, unit, events) for unit in units), OPEN_SHARDS)
+    return buffered_shuffle(mixed, plan.shuffle_buffer, seeded_rng(plan.seed, epoch, stream, TAG_SHUFFLE))
 
 
 def eval_samples(plan: Plan, stream: int, events: list) -> Iterator[dict]:

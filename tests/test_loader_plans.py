@@ -47,3 +47,9 @@ def test_shard_order_changes_with_epoch_and_seed():
     orders = {(seed, epoch): [u.shard for u in training_units(counts, 1, seed, epoch)[0]]
               for seed in (0, 1) for epoch in (0, 1)}
     assert len({tuple(o) for o in orders.values()}) == 4
+
+
+def test_interleave_takes_turns_and_refills():
+    from data_pipeline.loader import interleave
+    sources = (iter([f"{name}{i}" for i in range(n)]) for name, n in [("a", 3), ("b", 1), ("c", 2)])
+    assert list(interleave(sources, 2)) == ["a0", "b0", "a1", "c0", "a2", "c1"]
