@@ -11,8 +11,8 @@ and scaled to the (R+1)^3 grid (the cost per point is what it is for any random 
     python bench/bench_preprocess.py                       # all bundled meshes, 256 and 512
     python bench/bench_preprocess.py --meshes stanford-bunny.obj spot.obj --resolutions 256
 
-One core: libigl's threads are limited with IGL_NUM_THREADS=1 (set below before igl is imported);
-run under ``taskset -c 0`` to pin the rest as well.
+One core: libigl's threads are limited with IGL_NUM_THREADS=1 (set below before igl is imported)
+and times are CPU seconds of the process (time.process_time), i.e. single-core compute time.
 """
 from __future__ import annotations
 
@@ -39,9 +39,11 @@ from data_pipeline.watertight import extract_surface, make_watertight, signed_gr
 
 
 def timed(fn):
-    start = time.perf_counter()
+    """(result, CPU seconds of this process). CPU time, not wall time: other jobs on a shared
+    machine then do not inflate the numbers (all libraries run one thread here)."""
+    start = time.process_time()
     result = fn()
-    return result, time.perf_counter() - start
+    return result, time.process_time() - start
 
 
 def dense_estimate(mesh: trimesh.Trimesh, resolution: int, sample: int, mc_seconds: float) -> float:
