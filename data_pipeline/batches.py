@@ -193,17 +193,20 @@ def surface_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator) ->
     use_fps = opts.surface_sampling == "fps"
     fps = expect(load_npy(raw, "surface_fps.npy"), "int32", 1, raw, "surface_fps.npy") if use_fps else None
     n, m = opts.num_surface, opts.num_sharp
-    idx = pick_indices(len(points), n + m, fps, rng)  # the extra m fill missing sharp points
-    points, normals = rows(points, idx), rows(normals, idx)
-    out = {"surface": dequantize_coords(points[:n]), "surface_normal": dequantize_normals(normals[:n])}
+    idx = pick_indices(len(points), n + m, fps, rng)  # idx[n:] stand in for missing sharp points
+    out = {"surface": dequantize_coords(rows(points, idx[:n])),
+           "surface_normal": dequantize_normals(rows(normals, idx[:n]))}
     if m:
-        out.update(sharp_arrays(raw, opts, rng, fill=(points[n:], normals[n:])))
+        out.update(sharp_arrays(raw, opts, rng, fill=(points, normals, idx[n:])))
     return out
 
 
 def sharp_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator,
-                 fill: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
-    """M sharp points; a sample with fewer than M is topped up with surface points (sharp_valid False)."""
+                 fill: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """M sharp points; a sample with fewer than M is topped up with surface points (sharp_valid False).
+
+    ``fill``: (surface points, surface normals, indices of further surface points to use).
+    """
     points = expect(load_npy(raw, "sharp.npy"), "uint16", 2, raw, "sharp.npy")
     normals = expect(load_npy(raw, "sharp_normal.npy"), "int8", 2, raw, "sharp_normal.npy")
     m = opts.num_sharp
@@ -214,8 +217,9 @@ def sharp_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator,
         points, normals = rows(points, idx), rows(normals, idx)
     else:
         points, normals = points[:0], normals[:0]
-    points = np.concatenate([points, fill[0][: m - have]])
-    normals = np.concatenate([normals, fill[1][: m - have]])
+    extra = fill[2][: m - have]  # gathered only when needed: most shapes have enough sharp points
+    points = np.concatenate([points, rows(fill[0], extra)])
+    normals = np.concatenate([normals, rows(fill[1], extra)])
     return {"sharp": dequantize_coords(points), "sharp_normal": dequantize_normals(normals),
             "sharp_valid": np.arange(m) < have}
 
