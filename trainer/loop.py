@@ -235,6 +235,8 @@ def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
         save_config(cfg, run_dir / "config.yaml")
     tracker = Tracker(run_dir, enabled=engine.is_main)
     run_id = engine.broadcast_object(tracker.start(cfg, run_id))
+    tracker.set_tags({"shapeflow.world_size": engine.world_size, "shapeflow.strategy": engine.strategy,
+                      "shapeflow.launcher": engine.launch.launcher})
     if engine.is_main:
         tracker.log_artifact(run_dir / "config.yaml")
     evaluator = Evaluator(cfg, task, engine, tracker, make_loader)
@@ -245,7 +247,7 @@ def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...)."""
-    engine = create_engine(cfg.engine, cfg.precision)
+    engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
     tracker = None
     try:
         trainer = setup(cfg, engine)

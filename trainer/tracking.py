@@ -82,6 +82,12 @@ class Tracker:
         for i in range(0, len(rows), 1000):
             self.client.log_batch(self.run_id, metrics=rows[i:i + 1000])
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Facts about this job (world size, strategy); a resumed job overwrites them with its own."""
+        if self.enabled:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
