@@ -35,14 +35,12 @@ produced again after a restore.
 from __future__ import annotations
 
 import itertools
-import logging
-import math
 import os
 import random
 import tarfile
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, Sequence
 
@@ -60,7 +58,6 @@ from data_pipeline.shard_order import (
     parts_per_shard, resolve_source, seeded_rng, training_units,
 )
 
-log = logging.getLogger(__name__)
 
 MODES = ("train", "eval")
 CURSOR_FORMAT = 1
