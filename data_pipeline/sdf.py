@@ -27,6 +27,8 @@ class SdfLabeller:
         self.F = np.ascontiguousarray(watertight.faces, dtype=np.int64)
         self.face_normals = np.asarray(watertight.face_normals)
         self.grid = grid
+        self.tree = igl.AABB()     # built once, queried for every point set of the sample
+        self.tree.init(self.V, self.F)
 
     def __call__(self, xyz: np.ndarray) -> np.ndarray:
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)
@@ -47,7 +49,7 @@ class SdfLabeller:
     def _exact(self, xyz: np.ndarray):
         if len(xyz) == 0:
             return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-        sq, face, point = igl.point_mesh_squared_distance(xyz, self.V, self.F)
+        sq, face, point = self.tree.squared_distance(self.V, self.F, xyz)
         return np.sqrt(sq), face, point
 
     def _grid_sign(self, xyz: np.ndarray) -> np.ndarray:
