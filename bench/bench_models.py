@@ -73,8 +73,7 @@ def count_flops(step) -> int:
 def peak_step_memory(step) -> int:
     """Peak bytes allocated during one step above what existed before it (see module doc)."""
     from torch.profiler._memory_profiler import Action, MemoryProfile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
         step()
     live = peak = 0
     for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import require, validate_fields
 from .layers import (CheckpointedBlocks, CrossAttentionBlock, DiagonalGaussian, FourierEmbedder, QKNorm,
-                     SelfAttentionBlock, init_linears_xavier, set_activation_checkpointing)
+                     SelfAttentionBlock, init_linears_xavier, init_posterior_head, set_activation_checkpointing)
 
 
 @dataclass
@@ -93,7 +93,9 @@ class VecSetEncoder(nn.Module):
         self.cfg = cfg
         self.embed = PointEmbedder(cfg)
         num_contexts = 2 if cfg.sharp_mode == "dual" and cfg.num_sharp_latents > 0 else 1
-        self.cross = CrossAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio, num_contexts)
+        # a one-block CheckpointedBlocks, so checkpointing also covers the point cross-attention
+        self.cross = CheckpointedBlocks(
+            [CrossAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio, num_contexts)], cfg.checkpoint_every)
         self.layers = CheckpointedBlocks(
             (SelfAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio) for _ in range(cfg.encoder_layers)),
             cfg.checkpoint_every)
@@ -113,7 +115,7 @@ class VecSetEncoder(nn.Module):
                 contexts = [torch.cat([uniform, sharp], dim=1)]
             else:
                 contexts.append(sharp)
-        elif len(self.cross.attns) == 2:
+        elif len(self.cross.blocks[0].attns) == 2:
             # dual mode without sharp points: the sharp branch attends to the uniform points
             contexts.append(uniform)
         x = self.layers(self.cross(queries, *contexts))                   # [B, K, W]
@@ -143,7 +145,8 @@ class QueryHead(nn.Module):
         super().__init__()
         self.fourier = FourierEmbedder(cfg.fourier_freqs)
         self.proj = nn.Linear(self.fourier.out_dim, cfg.width)
-        self.cross = CrossAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio)
+        self.cross = CheckpointedBlocks([CrossAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio)],
+                                        cfg.checkpoint_every)
         self.norm_out = nn.LayerNorm(cfg.width)
         self.out = nn.Linear(cfg.width, 1)
 
@@ -164,6 +167,7 @@ class VecSetVAE(nn.Module):
         self.decoder = VecSetDecoder(cfg)
         self.query_head = QueryHead(cfg)
         init_linears_xavier(self)
+        init_posterior_head(self.encoder.to_moments)
 
     def encode(self, points: torch.Tensor, normals: torch.Tensor | None = None,
                sharp_points: torch.Tensor | None = None, sharp_normals: torch.Tensor | None = None, *,

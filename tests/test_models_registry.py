@@ -61,16 +61,28 @@ def test_debug_presets_run_a_step_fast():
         "vecset_dit/debug": lambda m: (torch.randn(2, 64, 8), torch.rand(2), torch.randn(2, 4, 32)),
         "voxel_dit/debug": lambda m: (torch.randn(2, 4, 8, 8, 8), torch.rand(2), torch.randn(2, 4, 32)),
     }
-    for name, make in inputs.items():
-        torch.manual_seed(0)
-        model = models.build(name)
-        args = make(model)
-        model(*args)  # warm-up
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread is immune to other jobs busy on the same cores
+    try:
+        for name, make in inputs.items():
+            assert_step_under_a_second(name, make)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_step_under_a_second(name, make):
+    torch.manual_seed(0)
+    model = models.build(name)
+    args = make(model)
+    model(*args)  # warm-up
+    seconds = []
+    for _ in range(5):  # best of 5: other jobs share these cores
         start = time.perf_counter()
         out = model(*args)
         out = out[0] if isinstance(out, tuple) else out
         out.float().square().mean().backward()
-        assert time.perf_counter() - start < 1.0, name
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 1.0, (name, seconds)
 
 
 # Parameter counts (millions) stated in docs/models.md; counted without allocating memory.
