@@ -81,11 +81,10 @@ class DiTTrunk(nn.Module):
         context_dim = None
         if cfg.condition == "tokens":
             context_dim = cfg.condition_dim
-            null = torch.randn(cfg.condition_dim) * 0.02 if cfg.null_condition == "learned" else torch.zeros(cfg.condition_dim)
             if cfg.null_condition == "learned":
-                self.null_token = nn.Parameter(null)
+                self.null_token = nn.Parameter(torch.randn(cfg.condition_dim) * 0.02)
             else:
-                self.register_buffer("null_token", null, persistent=False)
+                self.register_buffer("null_token", torch.zeros(cfg.condition_dim), persistent=False)
         elif cfg.condition == "class":
             context_dim = cfg.width
             self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.width)  # last row: null class
