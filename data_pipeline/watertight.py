@@ -115,6 +115,7 @@ class MeshQueries:
         self.V = np.ascontiguousarray(mesh.vertices, dtype=np.float64)
         self.F = np.ascontiguousarray(mesh.faces, dtype=np.int64)
         self.winding_count = self.distance_count = 0
+        self._tree = None     # igl.AABB, built on the first distance query and reused
 
     def winding(self, xyz: np.ndarray) -> np.ndarray:
         self.winding_count += len(xyz)
@@ -127,7 +128,10 @@ class MeshQueries:
         self.distance_count += len(xyz)
         if len(xyz) == 0:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
-        squared, face, _ = igl.point_mesh_squared_distance(np.ascontiguousarray(xyz, dtype=np.float64), self.V, self.F)
+        if self._tree is None:
+            self._tree = igl.AABB()
+            self._tree.init(self.V, self.F)
+        squared, face, _ = self._tree.squared_distance(self.V, self.F, np.ascontiguousarray(xyz, dtype=np.float64))
         return np.sqrt(squared), face
 
     def face_normals(self, face: np.ndarray) -> np.ndarray:
@@ -287,21 +291,19 @@ def _refine(inside_c: np.ndarray, near_c: np.ndarray, queries: MeshQueries, band
     index = np.stack(exact.index, axis=1)
     odd = index % 2
     odd_count = odd.sum(axis=1)
+    # Which points need a winding number does not depend on any sign: ask for all in one call
+    # (each call rebuilds igl's tree). Coarse points (k = 0) keep their sign; their |w| only
+    # serves to detect open sheets.
+    need = exact.distance <= np.where(odd_count == 0, eps, max(voxel, eps))
+    exact.abs_winding[need] = np.abs(queries.winding(exact.xyz[need]))
     first_odd = np.argmax(odd, axis=1)
-    for k in range(4):
+    for k in (1, 2, 3):
         group = np.nonzero(odd_count == k)[0]
-        if k == 0:   # coarse points keep their sign; |w| only to detect open sheets
-            need = group[exact.distance[group] <= eps]
-        else:
-            neighbour = index[group].copy()
-            neighbour[np.arange(len(group)), first_odd[group]] -= 1
-            far_enough = exact.distance[group] > max(voxel, eps)
-            settled = group[far_enough]
-            inside[tuple(index[settled].T)] = inside[tuple(neighbour[far_enough].T)]
-            need = group[~far_enough]
-        exact.abs_winding[need] = np.abs(queries.winding(exact.xyz[need]))
-        if k > 0:
-            inside[tuple(index[need].T)] = exact.abs_winding[need] > 0.5
+        asked, settled = group[need[group]], group[~need[group]]
+        inside[tuple(index[asked].T)] = exact.abs_winding[asked] > 0.5
+        neighbour = index[settled].copy()
+        neighbour[np.arange(len(settled)), first_odd[settled]] -= 1
+        inside[tuple(index[settled].T)] = inside[tuple(neighbour.T)]
     return inside, exact
 
 
