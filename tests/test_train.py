@@ -34,8 +34,9 @@ def vae_config(shards: Path, run_dir: Path, *extra: str):
 @pytest.mark.parametrize("override, key", [
     ("optim.lrr=0.1", "optim.lrr"),
     ("optim.lr=fast", "optim.lr"),
-    ("engine.strategy=deepspeed", "engine.strategy"),
-    ("engine.strategy=fsdp2", "engine.strategy"),
+    ("engine.strategy=megatron", "engine.strategy"),
+    ("engine.zero_stage=3", "engine.zero_stage"),      # only with engine.strategy=deepspeed
+    ("engine.offload=optimizer", "engine.offload"),
     ("run.resume=/no/such/checkpoint", "run.resume"),
     ("condition.p_uncond=1.5", "condition.p_uncond"),
 ])

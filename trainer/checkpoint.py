@@ -197,27 +197,53 @@ def load_checkpoint(engine: Engine, path: Path, *, ema: EMA | None) -> tuple[dic
 NET_PREFIX = "net."  # the engine trains a task objective that holds the network as ``net``
 
 
-def network_state(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
-    """The network's weights from a checkpoint (EMA parameters over the raw ones when asked)."""
-    state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    if use_ema and (path / "ema.pt").exists():
-        state.update(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+def network_state(path: Path, use_ema: bool, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The network's weights from a checkpoint of any strategy (EMA parameters over the raw ones when
+    asked), consolidated into full tensors by the engine that wrote it."""
+    from .engine import read_full_state
+
+    meta = meta or read_meta(path) or {}
+    state = read_full_state(path, meta.get("strategy", "ddp"), use_ema)
     return {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
 
 
+def read_exported(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
+    """(network weights, training config, checkpoint meta) of a `shapeflow export` safetensors file."""
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from data_pipeline.typed_config import ConfigError, from_dict
+
+    from .config import TrainConfig
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if "shapeflow_config" not in header:
+        raise ConfigError(f"{path}: not a `shapeflow export` file (no shapeflow_config in its metadata)")
+    cfg = from_dict(TrainConfig, yaml.safe_load(header["shapeflow_config"]))
+    return load_file(str(path)), cfg, json.loads(header["shapeflow_meta"])
+
+
 def load_network(path: Path, use_ema: bool = True):
-    """(network in eval mode, its training config, the checkpoint's meta) from a complete checkpoint."""
+    """(network in eval mode, its training config, the checkpoint's meta) from a complete checkpoint
+    directory (any strategy) or a `shapeflow export` safetensors file (whose weights were chosen at export)."""
     import models
     from data_pipeline.typed_config import load_config
 
     from .config import TrainConfig
 
     path = Path(path)
-    meta = read_meta(path)
-    if meta is None:
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no valid {META})")
-    cfg = load_config(TrainConfig, path / "config.yaml")
+    if path.is_file() and path.suffix == ".safetensors":
+        state, cfg, meta = read_exported(path)
+    else:
+        meta = read_meta(path)
+        if meta is None:
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no valid {META}) "
+                                    "nor a .safetensors file from `shapeflow export`")
+        cfg = load_config(TrainConfig, path / "config.yaml")
+        state = network_state(path, use_ema, meta)
     overrides = (meta.get("derived") or {}).get("model_overrides") or cfg.model.overrides
     net = models.build(cfg.model.name, **overrides)
-    net.load_state_dict(network_state(path, use_ema))
+    net.load_state_dict(state)
     return net.eval(), cfg, meta

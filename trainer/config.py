@@ -59,8 +59,10 @@ class RunConfig:
 @dataclass
 class EngineConfig:
     strategy: Literal["ddp", "deepspeed", "fsdp2"] = "ddp"   # ddp also covers the single process
-    zero_stage: int = 2                 # deepspeed only
-    offload: Literal["none", "optimizer"] = "none"
+    zero_stage: int | None = None       # deepspeed only: 1, 2 or 3 (unset: 2)
+    offload: Literal["none", "optimizer"] = "none"           # deepspeed only: optimizer state on the CPU
+    deepspeed_config: str = ""          # deepspeed only: JSON file (default configs/deepspeed/zero<stage>.json)
+    reshard_after_forward: bool = True  # fsdp2 only: free gathered block weights after forward (ZeRO-3 like)
     backend: Literal["auto", "gloo", "nccl"] = "auto"        # auto: nccl on GPU, gloo on CPU
     timeout_s: int = 1800               # collective timeout: a dead rank fails the job instead of hanging
 
@@ -134,8 +136,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Strategies the engine can run today; the scale-out issue adds the others in trainer/engine.py.
-SUPPORTED_STRATEGIES = ("ddp",)
+# Strategies the engine runs (trainer/engine.py, engine_deepspeed.py, engine_fsdp.py).
+SUPPORTED_STRATEGIES = ("ddp", "deepspeed", "fsdp2")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -143,11 +145,27 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def validate_engine(engine: EngineConfig) -> EngineConfig:
+    """Strategy-specific keys only with their strategy, so a typo'd strategy cannot silently run DDP."""
+    deepspeed = engine.strategy == "deepspeed"
+    _require(engine.zero_stage is None or deepspeed, "engine.zero_stage",
+             f"only applies to engine.strategy=deepspeed (strategy is {engine.strategy})")
+    _require(engine.zero_stage in (None, 1, 2, 3), "engine.zero_stage", f"must be 1, 2 or 3, got {engine.zero_stage}")
+    _require(engine.offload == "none" or deepspeed, "engine.offload",
+             f"only applies to engine.strategy=deepspeed (strategy is {engine.strategy})")
+    _require(not engine.deepspeed_config or deepspeed, "engine.deepspeed_config",
+             "only applies to engine.strategy=deepspeed")
+    _require(not engine.deepspeed_config or Path(engine.deepspeed_config).is_file(), "engine.deepspeed_config",
+             f"{engine.deepspeed_config} is not a file")
+    _require(engine.timeout_s >= 1, "engine.timeout_s", "must be >= 1")
+    return engine
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks; raises ConfigError naming the key."""
     _require(cfg.engine.strategy in SUPPORTED_STRATEGIES, "engine.strategy",
              f"{cfg.engine.strategy!r} is not yet supported (supported: {', '.join(SUPPORTED_STRATEGIES)})")
-    _require(cfg.engine.zero_stage in (1, 2, 3), "engine.zero_stage", f"must be 1, 2 or 3, got {cfg.engine.zero_stage}")
+    validate_engine(cfg.engine)
     _require(bool(cfg.data.path), "data.path", "is required (a shard directory or URL list)")
     _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     _require(cfg.run.max_steps >= 1, "run.max_steps", "must be >= 1")

@@ -3,10 +3,12 @@
 The EMA holds one fp32 copy per *local* parameter tensor, keyed by parameter name, and updates all
 of them with one fused ``torch._foreach_lerp_``. Under a sharded strategy the local tensors are the
 rank's shards, so the update needs no communication; under DDP (or one process) they are full tensors.
+What "local" means is the engine's business: a DTensor's local shard (FSDP2, the default below), the
+``ds_tensor`` partition of a DeepSpeed ZeRO-3 parameter, or the tensor itself.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -18,17 +20,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], decay: float):
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], decay: float,
+                 local: Callable[[torch.Tensor], torch.Tensor] = _local):
         pairs = [(name, p) for name, p in named_params if p.requires_grad]
         self.decay = decay
+        self.local = local
         self.names = [name for name, _ in pairs]
         self.params = [p for _, p in pairs]
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self.shadow = [local(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         """shadow <- decay * shadow + (1 - decay) * param."""
-        current = [_local(p).detach().float() for p in self.params]
+        current = [self.local(p).detach().float() for p in self.params]
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -2,18 +2,27 @@
 
 The loop only calls :class:`Engine` methods: ``prepare``, ``autocast``, ``backward``, ``step``,
 ``zero_grad``, ``save_state``/``load_state``, ``all_reduce_mean``, ``gather_objects``, ``barrier``.
-Which strategy runs behind them is a config choice (``engine.strategy``); today ``ddp`` (which is
-also the single process), the scale-out issue adds ``deepspeed`` and ``fsdp2`` here and nowhere else.
+Which strategy runs behind them is a config choice (``engine.strategy``): ``ddp`` here (which is
+also the single process), ``deepspeed`` (ZeRO-1/2/3, optional optimizer offload) in
+trainer/engine_deepspeed.py and ``fsdp2`` (``fully_shard`` per block) in trainer/engine_fsdp.py. Only
+these three modules import torch.distributed's wrappers, DeepSpeed or FSDP; the loop, the objectives
+and the models are the same for every strategy.
 
 Launchers are detected from the environment: a plain ``python``/``shapeflow`` process, ``torchrun``
 (TORCHELASTIC_RUN_ID) and ``accelerate launch`` (ACCELERATE_* variables) all pass RANK / WORLD_SIZE /
-MASTER_ADDR the same way, so one ``env://`` initialisation serves all three. After initialisation the
-engine checks that the process group really has WORLD_SIZE distinct ranks (accelerate on CPU can
-otherwise silently run every process as rank 0 of 1).
+MASTER_ADDR the same way, so one ``env://`` initialisation serves all three (srun jobs export them
+from the launcher script). After initialisation the engine checks that the process group really has
+WORLD_SIZE distinct ranks (accelerate on CPU can otherwise silently run every process as rank 0 of 1).
+An ``accelerate launch`` config that asks for DeepSpeed or FSDP only selects the strategy (and its
+stage / offload / reshard settings); the wrapping is always done here, never by accelerate.
+
+Collectives time out after ``engine.timeout_s``: a dead or hung peer makes the others fail with
+:class:`PeerFailure`-style errors (see :func:`describe_peer_failure`) instead of hanging.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -25,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import EngineConfig, SUPPORTED_STRATEGIES
+from .config import EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, validate_engine
 from .ema import EMA
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -70,6 +79,45 @@ def accelerate_strategy(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
+def resolve_engine_config(cfg: EngineConfig, env: dict[str, str] | None = None) -> EngineConfig:
+    """``cfg`` with the strategy an accelerate config asks for (its stage, offload, JSON, reshard).
+
+    An explicit non-default ``engine.strategy`` that contradicts the accelerate config is an error:
+    silently training with another strategy than the one written in either file helps nobody.
+    """
+    env = os.environ if env is None else env
+    wanted = accelerate_strategy(env)
+    if wanted is None or wanted == cfg.strategy and wanted != "deepspeed":
+        return cfg
+    from data_pipeline.typed_config import ConfigError
+    if cfg.strategy not in ("ddp", wanted):
+        raise ConfigError(f"engine.strategy: the config says {cfg.strategy} but the accelerate config "
+                          f"(ACCELERATE_USE_*) says {wanted}; make them agree")
+    if wanted == "fsdp2":
+        reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", str(cfg.reshard_after_forward)).lower()
+        return validate_engine(dataclasses.replace(cfg, strategy="fsdp2",
+                                                   reshard_after_forward=reshard in ("true", "1", "full_shard")))
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower()
+    return validate_engine(dataclasses.replace(
+        cfg, strategy="deepspeed",
+        zero_stage=int(stage) if stage else cfg.zero_stage,
+        offload="optimizer" if offload in ("cpu", "nvme") else cfg.offload,
+        deepspeed_config=env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or cfg.deepspeed_config))
+
+
+def describe_peer_failure(err: BaseException, timeout_s: int) -> str | None:
+    """A one-line explanation when ``err`` is a collective that failed because a peer died or hung."""
+    text = f"{type(err).__name__}: {err}".lower()
+    markers = ("connection closed by peer", "connection reset", "timed out", "timeout", "broken pipe",
+               "distbackenderror", "distnetworkerror", "gloo", "nccl", "socket", "peer")
+    if isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(m in text for m in markers)):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (f"another rank died or stopped responding (collective failed or exceeded engine.timeout_s="
+                f"{timeout_s}s); this rank stops too. Resume with run.resume=auto. Cause: {first[:300]}")
+    return None
+
+
 def _pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -77,8 +125,18 @@ def _pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _backend(device: torch.device, cfg: EngineConfig) -> str:
+    return cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+
+
+def init_single_process_group(device: torch.device, cfg: EngineConfig) -> None:
+    """A one-rank group without a rendezvous (sharded strategies need a group even for one process)."""
+    dist.init_process_group(backend=_backend(device, cfg), store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=cfg.timeout_s))
+
+
 def _init_process_group(launch: Launch, device: torch.device, cfg: EngineConfig) -> None:
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    backend = _backend(device, cfg)
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     dist.init_process_group(backend=backend, init_method="env://", rank=launch.rank,
                             world_size=launch.world_size, timeout=timeout)
@@ -96,15 +154,21 @@ class Engine:
     """DDP over torch.distributed, or a plain module when there is one process."""
 
     strategy = "ddp"
+    needs_group = False   # sharded strategies need a process group even for one process
 
-    def __init__(self, cfg: EngineConfig, precision: str = "fp32"):
+    def __init__(self, cfg: EngineConfig, precision: str = "fp32", optim: OptimConfig | None = None):
         self.cfg = cfg
         self.precision = precision
+        self.optim_cfg = optim or OptimConfig()   # accumulation and clipping (DeepSpeed needs them up front)
         self.launch = detect_launch()
         self.device = _pick_device(self.launch.local_rank)
         self.distributed = self.launch.world_size > 1
-        if self.distributed and not dist.is_initialized():
-            _init_process_group(self.launch, self.device, cfg)
+        self._owns_group = not dist.is_initialized() and (self.distributed or self.needs_group)
+        if self._owns_group:
+            if self.distributed:
+                _init_process_group(self.launch, self.device, cfg)
+            else:
+                init_single_process_group(self.device, cfg)
         self.model: nn.Module | None = None           # what forward() is called on
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
@@ -147,6 +211,28 @@ class Engine:
     def make_ema(self, decay: float) -> EMA:
         return EMA(self.named_local_parameters(), decay)
 
+    def full_state_dict(self, ema: EMA | None = None) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict (EMA weights over the trained ones when given) on rank 0, on
+        the CPU; None on other ranks. Collective under sharded strategies (it gathers)."""
+        if not self.is_main:
+            return None
+        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}  # no aliasing
+        if ema is not None:
+            state.update({k: v.cpu() for k, v in ema.state_dict().items()})
+        return state
+
+    def local_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The parameter and optimiser-state tensors this rank stores (for memory accounting)."""
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters()]
+        states = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return {"params": params, "optimizer": [t.to_local() if hasattr(t, "to_local") else t for t in states]}
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of parameters and optimiser state held by this rank."""
+        def nbytes(ts): return int(sum(t.numel() * t.element_size() for t in ts))
+        tensors = self.local_tensors()
+        return {"param_bytes": nbytes(tensors["params"]), "optimizer_bytes": nbytes(tensors["optimizer"])}
+
     # -- one optimiser step ---------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast around forward + loss; parameters and optimiser state stay fp32."""
@@ -170,7 +256,8 @@ class Engine:
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = clip_norm if clip_norm > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         finite = bool(torch.isfinite(torch.tensor(norm))) and not skip
         if finite:
             self.optimizer.step()
@@ -244,15 +331,47 @@ class Engine:
             dist.barrier()
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def create_engine(cfg: EngineConfig, precision: str) -> Engine:
+def read_full_state(directory: Path, strategy: str, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The whole model's tensors from a checkpoint written by ``strategy`` (EMA over the trained
+    weights when asked and saved), consolidated in this one process on the CPU."""
+    if strategy == "deepspeed":
+        from .engine_deepspeed import read_full_state as read
+    elif strategy == "fsdp2":
+        from .engine_fsdp import read_full_state as read
+    else:
+        read = _read_full_torch_state
+    return read(Path(directory), use_ema)
+
+
+def checkpoint_has_ema(directory: Path, meta: dict[str, Any]) -> bool:
+    if meta.get("strategy") == "fsdp2":
+        from .engine_fsdp import dcp_has_ema
+        return dcp_has_ema(Path(directory))
+    return any(f == "ema.pt" or f.startswith("ema_rank_") for f in meta.get("files", []))
+
+
+def _read_full_torch_state(directory: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    if use_ema and (directory / "ema.pt").exists():
+        state.update(torch.load(directory / "ema.pt", map_location="cpu", weights_only=True))
+    return state
+
+
+def create_engine(cfg: EngineConfig, precision: str, optim: OptimConfig | None = None) -> Engine:
     """The engine for ``cfg.strategy`` (or for the strategy an accelerate config asks for)."""
-    strategy = accelerate_strategy() or cfg.strategy
-    if strategy not in SUPPORTED_STRATEGIES:
+    cfg = resolve_engine_config(cfg)
+    if cfg.strategy not in SUPPORTED_STRATEGIES:
         from data_pipeline.typed_config import ConfigError
-        raise ConfigError(f"engine.strategy: {strategy!r} is not yet supported "
+        raise ConfigError(f"engine.strategy: {cfg.strategy!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_STRATEGIES)})")
-    return Engine(cfg, precision)
+    if cfg.strategy == "deepspeed":
+        from .engine_deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(cfg, precision, optim)
+    if cfg.strategy == "fsdp2":
+        from .engine_fsdp import FSDP2Engine
+        return FSDP2Engine(cfg, precision, optim)
+    return Engine(cfg, precision, optim)

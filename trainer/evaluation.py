@@ -92,8 +92,8 @@ class Evaluator:
     def run(self, step: int, ema) -> dict[str, float]:
         """Evaluate on rank 0 (collective: every rank calls it and waits)."""
         metrics: dict[str, float] = {}
+        net = self._ema_copy(ema)   # collective: sharded strategies gather the weights to rank 0
         if self.engine.is_main:
-            net = self._ema_copy(ema)
             out_dir = self.run_dir / "eval" / f"step_{step:08d}"
             metrics, files = self._vae(net, out_dir) if self.cfg.task == "vae" else self._dit(net, out_dir)
             metrics = {f"eval/{k}": v for k, v in metrics.items()}
@@ -104,11 +104,15 @@ class Evaluator:
         self.engine.barrier()
         return metrics
 
-    def _ema_copy(self, ema) -> nn.Module:
-        net = copy.deepcopy(self.task.net).eval()
-        if ema is not None:
-            ema.copy_to(("net." + name, p) for name, p in net.named_parameters())
-        return net
+    def _ema_copy(self, ema) -> nn.Module | None:
+        """A full copy of the network with the EMA weights on rank 0 (None elsewhere)."""
+        state = self.engine.full_state_dict(ema)
+        if state is None:
+            return None
+        net = models.build_from_config(copy.deepcopy(self.task.net.config)).to(self.engine.device)
+        prefix = "net."
+        net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        return net.eval()
 
     def _fixed_batch(self) -> dict[str, Any]:
         """The same training samples at every evaluation (first batch of a loader with its own seed)."""

@@ -1,0 +1,66 @@
+"""`shapeflow export CHECKPOINT_DIR --out FILE.safetensors [--ema]`: one file from any checkpoint.
+
+Consolidates a checkpoint written by any strategy into the network's full weights, in one process
+without a process group: DDP (``model.pt``), DeepSpeed ZeRO-1/2/3 (zero_to_fp32 reading of the fp32
+master partitions; EMA partitions merged) and FSDP2 (the DCP shards, resharded to full tensors). With
+``--ema`` the EMA weights replace the trained ones. The file holds the network's state dict (keys as
+``models.build(...).state_dict()``) and, in its metadata, the training config and the checkpoint's
+meta, so `shapeflow sample` (and a DiT's ``vae.checkpoint``) can load it like a checkpoint directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from data_pipeline.typed_config import save_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory (run.dir/checkpoints/step_XXXXXXXX) of any strategy")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
+
+
+def export(checkpoint: Path, out: Path, use_ema: bool) -> dict[str, torch.Tensor]:
+    """Write the consolidated network of ``checkpoint`` to ``out``; returns the tensors written."""
+    from safetensors.torch import save_file
+
+    from data_pipeline.typed_config import load_config
+
+    from .checkpoint import META, network_state, read_meta
+    from .config import TrainConfig
+    from .engine import checkpoint_has_ema
+
+    meta = read_meta(checkpoint)
+    if meta is None:
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no valid {META})")
+    if use_ema and not checkpoint_has_ema(checkpoint, meta):
+        raise ValueError(f"--ema: {checkpoint} holds no EMA weights (trained with ema.enabled=false)")
+    state = {k: v.contiguous() for k, v in network_state(checkpoint, use_ema, meta).items()}
+    if not state:
+        raise ValueError(f"{checkpoint}: no network weights found")
+    cfg = load_config(TrainConfig, checkpoint / "config.yaml")
+    tmp_yaml = out.with_name(f".{out.name}.yaml")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, tmp_yaml)
+    header = {"shapeflow_config": tmp_yaml.read_text(), "shapeflow_meta": json.dumps(meta),
+              "shapeflow_weights": "ema" if use_ema else "model", "shapeflow_source": str(checkpoint)}
+    tmp_yaml.unlink()
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(state, str(tmp), metadata=header)
+    tmp.replace(out)   # never leave a half-written file under the final name
+    return state
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out: {out} must end in .safetensors")
+    state = export(Path(args.checkpoint), out, args.ema)
+    numel = sum(t.numel() for t in state.values())
+    print(f"shapeflow export: {len(state)} tensors, {numel:,} values ({'EMA' if args.ema else 'trained'} weights) "
+          f"-> {out}")
+    return 0
