@@ -159,6 +159,24 @@ class DiagonalGaussian:
         return per_element.flatten(1).mean(dim=1)
 
 
+POSTERIOR_INIT_LOGVAR = -6.0  # initial posterior std exp(-3) ~ 0.05
+
+
+def init_posterior_head(layer: nn.Module, logvar: float = POSTERIOR_INIT_LOGVAR) -> None:
+    """Start a moments layer (Linear/Conv, out features [2C] = mean then logvar) with a narrow posterior.
+
+    Generic initialisations give logvar ~ N(0, ~1.5), i.e. posterior noise larger than the mean
+    (signal-to-noise < 1) from the first step: the decoder then learns to average the noise away and
+    ignores the latent, the (weak, per-element) KL cannot pull the std back, and decoding mode()
+    fails while samples look fine. Zero weights and a negative bias on the logvar half make the
+    VAE start as a near-deterministic autoencoder; the KL term widens the posterior as it trains.
+    """
+    channels = layer.weight.shape[0] // 2
+    with torch.no_grad():
+        layer.weight[channels:].zero_()
+        layer.bias[channels:].fill_(logvar)
+
+
 # ---------------------------------------------------------------------------
 # Attention and MLP
 # ---------------------------------------------------------------------------
