@@ -20,10 +20,11 @@ from data_pipeline.mesh_io import COMPANION_EXTENSIONS, MESH_EXTENSIONS
 from data_pipeline.preprocess import MeshTask, file_sha256, mesh_id
 from data_pipeline.preprocess_config import PreprocessConfig
 from data_pipeline.shard_writer import JobOutput
-from data_pipeline.typed_config import ConfigError, config_hash, load_config, to_dict
+from data_pipeline.typed_config import config_hash, load_config, to_dict
 from data_pipeline.worker_pool import Outcome, run_pool
 
-EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+# Usage and config errors (ConfigError, ValueError, FileNotFoundError) become exit code 2 in trainer.cli.
+EXIT_OK, EXIT_SOME_FAILED = 0, 3
 LIST_EXTENSIONS = (".txt", ".lst")
 
 
