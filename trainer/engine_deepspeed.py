@@ -61,7 +61,8 @@ def deepspeed_config(base: dict[str, Any], *, stage: int, offload: str, precisio
     zero["stage"] = stage
     for key in BUCKET_KEYS:
         if key in zero:
-            zero[key] = int(min(float(zero[key]), max(num_params, 1)))
+            cap = -(-max(num_params, 1) // 4096) * 4096   # a multiple of ZeRO's alignment factors
+            zero[key] = int(min(float(zero[key]), cap))
     if offload == "optimizer":
         zero["offload_optimizer"] = {**zero.get("offload_optimizer", {}), "device": "cpu",
                                      "pin_memory": torch.cuda.is_available()}

@@ -7,6 +7,7 @@ The same command runs as one process, under ``torchrun`` and under ``accelerate 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import load_train_config
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .engine import describe_peer_failure
     from .loop import TrainingDiverged, train  # heavy imports only once the config is valid
 
     cfg = load_train_config(args.config, args.overrides)
@@ -27,6 +29,12 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"shapeflow train: {err}", file=sys.stderr)
         return 3
+    except Exception as err:  # a dead or hung peer: one clear line and a non-zero exit, no hang
+        reason = describe_peer_failure(err, cfg.engine.timeout_s)
+        if reason is None:
+            raise
+        print(f"shapeflow train: rank {os.environ.get('RANK', '0')}: {reason}", file=sys.stderr)
+        return 4
     print(f"shapeflow train: done at step {summary['step']} ({cfg.run.dir}); "
           f"MLflow run {summary['mlflow_run_id']}; skipped steps: {summary['skipped_steps']}")
     return 0
