@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, validate_engine
+from .config import CONFIG_DIR, EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, validate_engine
 from .ema import EMA
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -87,7 +87,7 @@ def resolve_engine_config(cfg: EngineConfig, env: dict[str, str] | None = None) 
     """
     env = os.environ if env is None else env
     wanted = accelerate_strategy(env)
-    if wanted is None or wanted == cfg.strategy and wanted != "deepspeed":
+    if wanted is None:
         return cfg
     from data_pipeline.typed_config import ConfigError
     if cfg.strategy not in ("ddp", wanted):
@@ -99,11 +99,14 @@ def resolve_engine_config(cfg: EngineConfig, env: dict[str, str] | None = None) 
                                                    reshard_after_forward=reshard in ("true", "1", "full_shard")))
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower()
-    return validate_engine(dataclasses.replace(
+    json_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if json_file and not Path(json_file).is_file() and (CONFIG_DIR.parent / json_file).is_file():
+        json_file = str(CONFIG_DIR.parent / json_file)   # the shipped configs name it from the repo root
+    return validate_engine(dataclasses.replace(   # values written in the training config win
         cfg, strategy="deepspeed",
-        zero_stage=int(stage) if stage else cfg.zero_stage,
-        offload="optimizer" if offload in ("cpu", "nvme") else cfg.offload,
-        deepspeed_config=env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or cfg.deepspeed_config))
+        zero_stage=cfg.zero_stage or (int(stage) if stage else None),
+        offload="optimizer" if cfg.offload == "none" and offload in ("cpu", "nvme") else cfg.offload,
+        deepspeed_config=cfg.deepspeed_config or json_file))
 
 
 def describe_peer_failure(err: BaseException, timeout_s: int) -> str | None:

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"shapeflow train: {err}", file=sys.stderr)
         return 3
     except Exception as err:  # a dead or hung peer: one clear line and a non-zero exit, no hang
-        reason = describe_peer_failure(err, cfg.engine.timeout_s)
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        reason = describe_peer_failure(err, cfg.engine.timeout_s) if distributed else None
         if reason is None:
             raise
         print(f"shapeflow train: rank {os.environ.get('RANK', '0')}: {reason}", file=sys.stderr)
