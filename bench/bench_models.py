@@ -18,13 +18,17 @@ How memory is measured (CPU has no allocator statistics):
          (torch.autograd.graph.saved_tensors_hooks), i.e. what lives between forward and
          backward. Public API; a cross-check of the first number.
 
-Usage:  python bench/bench_models.py [--repeats 3] [--quick] [--json out.json]
+Usage:  python bench/bench_models.py [--repeats 3] [--threads 1] [--skip-memory] [--quick] [--json out.json]
+
+The peak and the steps use the same thread count (1 by default): with other jobs on the two
+cores, multi-threaded timings swing by 3x between runs while single-thread ratios stay put.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -136,13 +140,22 @@ def make_step(model, forward):
 
 
 def throughput(name, workload, peak, repeats):
+    """Step FLOP/s against the overall matmul peak, and the median of paired ratios: each
+    timed step is bracketed by matmul timings, so load changes by other jobs hit both sides."""
     model, forward, shape = workload
     step = make_step(model, forward)
     flops = count_flops(step)
-    seconds = best_time(step, repeats)
+    seconds, paired = [], []
+    for _ in range(repeats):
+        before = matmul_peak(1, sizes=(2048,))
+        seconds.append(best_time(step, 1))
+        local_peak = max(before, matmul_peak(1, sizes=(2048,)))
+        paired.append(flops / seconds[-1] / local_peak)
+        peak = max(peak, local_peak)
     params = sum(p.numel() for p in model.parameters())
-    return dict(name=name, shape=shape, params=params, flops=flops, seconds=seconds,
-                flops_per_s=flops / seconds, fraction_of_peak=flops / seconds / peak)
+    return dict(name=name, shape=shape, params=params, flops=flops, seconds=min(seconds),
+                flops_per_s=flops / min(seconds), fraction_of_peak=flops / min(seconds) / peak,
+                paired_fraction_median=statistics.median(paired), peak=peak)
 
 
 def memory(name, workload, repeats, every_values=(0, 1, 2)):
@@ -163,11 +176,12 @@ def memory(name, workload, repeats, every_values=(0, 1, 2)):
 def report(results) -> str:
     mib = lambda b: b / 2**20  # noqa: E731
     lines = [f"matmul peak (fp32, best square matmul): {results['matmul_peak'] / 1e9:.1f} GFLOP/s", "",
-             "| model | shape | params | GFLOP/step | step s | GFLOP/s | fraction of matmul peak |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | shape | params | GFLOP/step | best step s | GFLOP/s | best / best matmul | "
+             "median paired ratio |", "|---|---|---|---|---|---|---|---|"]
     for r in results["throughput"]:
         lines.append(f"| {r['name']} | {r['shape']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e9:.1f} | "
-                     f"{r['seconds']:.3f} | {r['flops_per_s'] / 1e9:.1f} | {r['fraction_of_peak']:.2f} |")
+                     f"{r['seconds']:.3f} | {r['flops_per_s'] / 1e9:.1f} | {r['fraction_of_peak']:.2f} | "
+                     f"{r['paired_fraction_median']:.2f} |")
     lines += ["", "| model | shape | checkpoint_every | peak activation MiB | saved-for-backward MiB | "
               "reduction vs off | step s |", "|---|---|---|---|---|---|---|"]
     for m in results["memory"]:
@@ -178,13 +192,25 @@ def report(results) -> str:
     return "\n".join(lines)
 
 
+def add_memory_results(results, s, repeats):
+    results["memory"].append(memory("vecset_dit", dit_workload(256 // s, 24, 4, 512 // s, 2, 64 // s), repeats))
+    results["memory"].append(memory("vecset_vae", vae_workload(256 // s, 24, 4, 512 // s, 1024 // s, 2048 // s, 2),
+                                    repeats))
+
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (best is kept)")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, numbers not meaningful)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--skip-memory", action="store_true", help="only the time / FLOP/s part")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on shared cores one thread gives stable ratios; "
+                             "0 keeps torch's default)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     s = 4 if args.quick else 1  # shrink factor
 
     peak = matmul_peak(args.repeats)
@@ -194,9 +220,11 @@ def main(argv=None) -> int:
         "vecset_dit", dit_workload(1024 // s, 2, 16 // s, 512 // s, 2, 128 // s), peak, args.repeats))
     results["throughput"].append(throughput(
         "vecset_vae", vae_workload(1024 // s, 2, 16 // s, 512 // s, 2048 // s, 4096 // s, 1), peak, args.repeats))
-    results["memory"].append(memory("vecset_dit", dit_workload(256 // s, 24, 4, 512 // s, 2, 64 // s), args.repeats))
-    results["memory"].append(memory("vecset_vae", vae_workload(256 // s, 24, 4, 512 // s, 1024 // s, 2048 // s, 2),
-                                    args.repeats))
+    peak = results["matmul_peak"] = max(r["peak"] for r in results["throughput"])
+    for r in results["throughput"]:
+        r["fraction_of_peak"] = r["flops_per_s"] / peak
+    if not args.skip_memory:
+        add_memory_results(results, s, args.repeats)
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
