@@ -22,7 +22,7 @@ from trainer.config import load_train_config
 from trainer.loop import train
 from trainer.steps import as_sdf
 
-from train_fixtures import train_shards  # noqa: F401  (fixture)
+from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
 
 
 # ---------------------------------------------------------------------------
@@ -90,7 +90,8 @@ def volume_ious(net, shards, kind: str, num_surface: int) -> dict[str, np.ndarra
 
 
 @pytest.mark.slow
-def test_vecset_vae_debug_preset_reconstructs_training_shapes_from_the_posterior_mode(train_shards, tmp_path):
+def test_vecset_vae_debug_preset_reconstructs_training_shapes_from_the_posterior_mode(train_shards, tmp_path,
+                                                                                     one_torch_thread):  # noqa: F811
     run_dir = tmp_path / "vae"
     tic = time.perf_counter()
     summary = train(load_train_config("vecset_vae_debug", [f"data.path={train_shards}", f"run.dir={run_dir}",

@@ -63,3 +63,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for a training-heavy test. On a shared CPU (other jobs, other test runs)
+    two-thread kernels wait for each other's time slices and ran 4-5x slower here; alone on 2 idle
+    cores one thread costs at most 2x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
