@@ -43,20 +43,24 @@ def setup(overrides: list[str]):
     return cfg, engine, task, model, ema
 
 
-def local_batches(global_batches: list[dict], engine) -> list[dict]:
+def local_batches(global_batches: list[dict], engine, accum: int) -> list[list[dict]]:
+    """Per step, this rank's micro-batches: micro-step m covers global rows [m G/A, (m+1) G/A) and this
+    rank takes its slice of them, matching how BatchRandom hands out its per-micro-step draws."""
     out = []
     for b in global_batches:
-        local = len(b["id"]) // engine.world_size
-        out.append(rows(b, engine.rank * local, (engine.rank + 1) * local))
+        micro = len(b["id"]) // accum
+        local = micro // engine.world_size
+        out.append([rows(b, m * micro + engine.rank * local, m * micro + (engine.rank + 1) * local)
+                    for m in range(accum)])
     return out
 
 
-def run_steps(cfg, engine, task, model, ema, batches: list[dict], first_step: int) -> list[float]:
-    """The loop's optimizer_step on each batch; returns the loss of each step averaged over ranks."""
+def run_steps(cfg, engine, task, model, ema, batches: list[list[dict]], first_step: int) -> list[float]:
+    """The loop's optimizer_step on each step's micro-batches; returns each step's loss averaged over ranks."""
     state = types.SimpleNamespace(cfg=cfg, engine=engine, task=task, model=model, step=first_step)
     losses = []
-    for batch in batches:
-        metrics, applied = Trainer.optimizer_step(state, iter([batch]))
+    for micro_batches in batches:
+        metrics, applied = Trainer.optimizer_step(state, iter(micro_batches))
         assert applied, f"step {state.step} was skipped"
         ema.update()
         losses.append(engine.all_reduce_mean({"loss": metrics["loss"]})["loss"])
@@ -67,7 +71,7 @@ def run_steps(cfg, engine, task, model, ema, batches: list[dict], first_step: in
 def train_task(name: str, overrides: list[str], batch_file: Path, out: Path) -> dict:
     cfg, engine, task, model, ema = setup(overrides)
     try:
-        batches = local_batches(torch.load(batch_file, weights_only=False), engine)
+        batches = local_batches(torch.load(batch_file, weights_only=False), engine, cfg.optim.grad_accum)
         losses = run_steps(cfg, engine, task, model, ema, batches, 0)
         memory = engine.gather_objects(engine.memory_report())
         full, full_ema = engine.full_state_dict(), engine.full_state_dict(ema)
@@ -85,7 +89,7 @@ def resume_task(name: str, overrides: list[str], batch_file: Path, out: Path, ch
     try:
         meta, _ = ckpt.load_checkpoint(engine, checkpoint, ema=ema)
         full, full_ema = engine.full_state_dict(), engine.full_state_dict(ema)
-        batches = local_batches(torch.load(batch_file, weights_only=False), engine)[:1]
+        batches = local_batches(torch.load(batch_file, weights_only=False), engine, cfg.optim.grad_accum)[:1]
         losses = run_steps(cfg, engine, task, model, ema, batches, meta["step"])
         if engine.is_main:
             torch.save({"model": full, "ema": full_ema}, out / f"{name}_resumed_weights.pt")
