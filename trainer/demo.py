@@ -1,0 +1,236 @@
+"""`shapeflow demo`: the whole pipeline on the bundled meshes, in minutes on a CPU.
+
+    assets/meshes --preprocess--> OUT/shards --train vecset_vae_debug--> OUT/vae
+      --train vecset_dit_debug (latents of the frozen VAE)--> OUT/dit --sample--> OUT/samples (.glb + .png)
+      --eval (VAE reconstruction)--> OUT/eval.json
+
+Every stage is the real command, called in-process (``trainer.cli.main`` for preprocess / sample /
+eval, ``trainer.loop.train`` for training) with demo-sized overrides of the debug presets. Both training
+runs go to one MLflow experiment in one store (``sqlite:///OUT/mlflow.db`` unless MLFLOW_TRACKING_URI is
+set; experiment ``shapeflow-demo`` unless MLFLOW_EXPERIMENT_NAME is set); the samples and the evaluation
+are logged to those runs too. Running it again in the same OUT resumes: finished stages are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+MESH_DIR = REPO / "assets" / "meshes"
+PREPROCESS_CONFIG = REPO / "configs" / "preprocess" / "tiny.yaml"
+DEMO_EXPERIMENT = "shapeflow-demo"
+FAST_MESHES = ("spot.obj", "suzanne.obj", "teapot.obj", "cow.obj")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much work each stage does (the full demo, or --fast for tests)."""
+    preprocess_overrides: tuple[str, ...]
+    vae_steps: int
+    dit_steps: int
+    num_samples: int
+    sample_steps: int
+    grid: int
+    eval_samples: int
+
+
+FULL = DemoSize(preprocess_overrides=(), vae_steps=400, dit_steps=400, num_samples=4, sample_steps=30, grid=64,
+                eval_samples=0)
+FAST = DemoSize(preprocess_overrides=("watertight.resolution=32", "watertight.coarse_resolution=16",
+                                      "sampling.volume_points=1024", "occupancy_resolution=16"),
+                vae_steps=12, dit_steps=12, num_samples=2, sample_steps=4, grid=16, eval_samples=2)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--fast", action="store_true", help="a much smaller run (4 meshes, a few steps): for tests")
+    parser.add_argument("--workers", type=int, default=2, help="preprocessing worker processes (default 2)")
+    parser.add_argument("--meshes", default=str(MESH_DIR), help="mesh folder (default: the bundled assets/meshes)")
+
+
+# ---------------------------------------------------------------------------
+# MLflow: one store, one experiment for every stage
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def demo_tracking(out: Path) -> Iterator[tuple[str, str]]:
+    """Point the trainer's tracker at one store and experiment (env vars, restored afterwards);
+    a local store keeps its artifacts beside the database in OUT/mlartifacts."""
+    from mlflow.tracking import MlflowClient
+
+    given_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = given_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEMO_EXPERIMENT
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(name) is None:
+        location = None if given_uri else (out / "mlartifacts").resolve().as_uri()
+        client.create_experiment(name, artifact_location=location)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=name)
+    try:
+        yield uri, name
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ---------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------
+
+def command(*argv: str) -> int:
+    """Run a `shapeflow` sub-command in this process; its exit code."""
+    from . import cli
+
+    return cli.main([str(a) for a in argv])
+
+
+def preprocess(meshes: list[Path], shards: Path, size: DemoSize, workers: int) -> None:
+    rc = command("preprocess", *meshes, "--out", shards, "--config", PREPROCESS_CONFIG, "--workers", workers,
+                 *size.preprocess_overrides)
+    if rc not in (0, 3) or not list(shards.glob("*.tar")):  # 3: some meshes failed, see failures.jsonl
+        raise RuntimeError(f"shapeflow demo: preprocessing failed (exit code {rc}); see {shards}")
+
+
+def train_stage(config: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    from .config import load_train_config
+    from .loop import train
+
+    return train(load_train_config(config, [f"run.dir={run_dir}", *overrides]))
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    from .checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        raise RuntimeError(f"shapeflow demo: no checkpoint in {run_dir / 'checkpoints'}")
+    return found
+
+
+def vae_overrides(shards: Path, size: DemoSize) -> list[str]:
+    return [f"data.path={shards}", f"run.max_steps={size.vae_steps}", f"run.ckpt_every={size.vae_steps}",
+            f"run.eval_every={size.vae_steps}", f"run.log_every={max(1, size.vae_steps // 20)}",
+            "data.options={num_surface: 256, num_vol: 512, num_near: 256}", "ema.decay=0.9",
+            f"eval.grid_resolution={size.grid}", "eval.num_samples=2"]
+
+
+def dit_overrides(shards: Path, vae_ckpt: Path, size: DemoSize) -> list[str]:
+    return [f"data.path={shards}", f"vae.checkpoint={vae_ckpt}", f"run.max_steps={size.dit_steps}",
+            f"run.ckpt_every={size.dit_steps}", f"run.eval_every={size.dit_steps}",
+            f"run.log_every={max(1, size.dit_steps // 20)}", "ema.decay=0.9",
+            f"eval.grid_resolution={size.grid}", f"eval.sample_steps={size.sample_steps}", "eval.num_samples=2"]
+
+
+def sample(dit_ckpt: Path, out: Path, size: DemoSize) -> dict[str, Any]:
+    rc = command("sample", dit_ckpt, "--out", out, "--num", size.num_samples, "--steps", size.sample_steps,
+                 "--resolution", size.grid, "--format", "glb", "--preview")
+    if rc != 0:
+        raise RuntimeError(f"shapeflow demo: sampling failed (exit code {rc})")
+    return json.loads((out / "samples.json").read_text())
+
+
+def evaluate(vae_ckpt: Path, shards: Path, out: Path, size: DemoSize) -> dict[str, Any]:
+    extra = ["--max-samples", size.eval_samples] if size.eval_samples else []
+    rc = command("eval", vae_ckpt, "--data", shards, "--out", out, "--resolution", size.grid,
+                 "--surface-points", 2048, *extra)
+    if rc != 0:
+        raise RuntimeError(f"shapeflow demo: evaluation failed (exit code {rc})")
+    return json.loads(out.read_text())
+
+
+def log_to_runs(uri: str, vae_run: str, dit_run: str, samples: dict[str, Any], report: dict[str, Any],
+                eval_file: Path) -> None:
+    """The demo's samples go to the DiT run, the reconstruction report to the VAE run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for path in samples["files"]:
+        client.log_artifact(dit_run, path, "demo_samples")
+    client.log_metric(dit_run, "demo/meshes", float(sum(p.endswith(".glb") for p in samples["files"])))
+    client.log_artifact(vae_run, str(eval_file), "demo_eval")
+    for key, value in report["mean"].items():
+        if value is not None:
+            client.log_metric(vae_run, f"demo_eval/{key}", float(value))
+
+
+# ---------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------
+
+def demo_meshes(folder: Path, fast: bool) -> list[Path]:
+    from data_pipeline.mesh_io import is_mesh_file
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--meshes: {folder} is not a folder")
+    meshes = sorted(p for p in folder.iterdir() if is_mesh_file(p))
+    if fast:
+        meshes = [p for p in meshes if p.name in FAST_MESHES] or meshes[:4]
+    if not meshes:
+        raise FileNotFoundError(f"--meshes: no mesh files in {folder}")
+    return meshes
+
+
+def summarize(out: Path, uri: str, experiment: str, vae: dict, dit: dict, report: dict, samples: dict,
+              seconds: float) -> str:
+    last = lambda losses: losses[max(losses)] if losses else float("nan")  # noqa: E731
+    mean = report["mean"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    meshes = [f for f in samples["files"] if f.endswith(".glb")]
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri} (experiment {experiment})"
+    return "\n".join([
+        f"shapeflow demo: done in {seconds / 60:.1f} min -> {out}",
+        f"  shards       {out / 'shards'}",
+        f"  VAE          {out / 'vae' / 'checkpoints'}  (final loss {last(vae['losses']):.4g}, "
+        f"recon IoU {fmt(mean['iou'])}, Chamfer {fmt(mean['chamfer'])}, F-score {fmt(mean['fscore'])} "
+        f"on {report['samples']} shapes: {out / 'eval.json'})",
+        f"  DiT          {out / 'dit' / 'checkpoints'}  (final loss {last(dit['losses']):.4g})",
+        f"  samples      {out / 'samples'}  ({len(meshes)} meshes .glb + PNG previews, {samples['empty']} empty)",
+        f"  MLflow       {uri}  experiment '{experiment}': runs {vae['mlflow_run_id']} (VAE), "
+        f"{dit['mlflow_run_id']} (DiT)",
+        f"  look at it:  {ui}",
+    ])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    started = time.perf_counter()
+    size = FAST if args.fast else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meshes = demo_meshes(Path(args.meshes), args.fast)
+    shards = out / "shards"
+    print(f"shapeflow demo: 1/5 preprocess {len(meshes)} meshes -> {shards}", flush=True)
+    preprocess(meshes, shards, size, args.workers)
+    with demo_tracking(out) as (uri, experiment):
+        print(f"shapeflow demo: 2/5 train the VAE ({size.vae_steps} steps) -> {out / 'vae'}", flush=True)
+        vae = train_stage("vecset_vae_debug", out / "vae", vae_overrides(shards, size))
+        vae_ckpt = final_checkpoint(out / "vae")
+        print(f"shapeflow demo: 3/5 train the DiT ({size.dit_steps} steps) on the VAE's latents -> {out / 'dit'}",
+              flush=True)
+        dit = train_stage("vecset_dit_debug", out / "dit", dit_overrides(shards, vae_ckpt, size))
+        dit_ckpt = final_checkpoint(out / "dit")
+        print(f"shapeflow demo: 4/5 sample {size.num_samples} meshes -> {out / 'samples'}", flush=True)
+        samples = sample(dit_ckpt, out / "samples", size)
+        print(f"shapeflow demo: 5/5 evaluate the VAE -> {out / 'eval.json'}", flush=True)
+        report = evaluate(vae_ckpt, shards, out / "eval.json", size)
+        log_to_runs(uri, vae["mlflow_run_id"], dit["mlflow_run_id"], samples, report, out / "eval.json")
+    seconds = time.perf_counter() - started
+    text = summarize(out, uri, experiment, vae, dit, report, samples, seconds)
+    (out / "summary.json").write_text(json.dumps({
+        "out": str(out), "shards": str(shards), "vae_checkpoint": str(vae_ckpt), "dit_checkpoint": str(dit_ckpt),
+        "samples": samples["files"], "eval": report["mean"], "mlflow_tracking_uri": uri,
+        "mlflow_experiment": experiment, "mlflow_runs": {"vae": vae["mlflow_run_id"], "dit": dit["mlflow_run_id"]},
+        "seconds": round(seconds, 1)}, indent=2))
+    print(text)
+    return 0
