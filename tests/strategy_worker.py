@@ -34,7 +34,9 @@ def rows(batch: dict, lo: int, hi: int) -> dict:
 def setup(overrides: list[str]):
     cfg = load_train_config(None, overrides)
     engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
-    torch.manual_seed(0)   # identical initial weights on every rank and in every run
+    # Different initial weights per rank (the loop seeds with seed + rank): every strategy must start
+    # from rank 0's weights, which is what the one-process reference has.
+    torch.manual_seed(engine.rank)
     task = make_task(cfg, engine.device)
     task.prepare(partial(build_loader, cfg, task, engine), engine)
     model = engine.prepare(task.objective, partial(make_optimizer, cfg=cfg.optim),

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -89,6 +90,7 @@ class FSDP2Engine(Engine):
                                             reduce_dtype=torch.float32 if bf16 else None)
         root_policy = MixedPrecisionPolicy(param_dtype=block_policy.param_dtype,
                                            reduce_dtype=block_policy.reduce_dtype, cast_forward_inputs=False)
+        self._broadcast_from_rank0(model)
         reshard = self.cfg.reshard_after_forward
         for block in shard_units(model):
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=block_policy)
@@ -101,6 +103,14 @@ class FSDP2Engine(Engine):
     @property
     def module(self) -> nn.Module:
         return self.model
+
+    def _broadcast_from_rank0(self, model: nn.Module) -> None:
+        """fully_shard keeps each rank's own slice of its own tensors: start every rank from rank 0's
+        weights (as DDP and DeepSpeed do), whatever each rank's random initialisation was."""
+        if self.world_size > 1:
+            with torch.no_grad():
+                for t in [*model.parameters(), *model.buffers()]:
+                    dist.broadcast(t.data, src=0)
 
     def accumulate(self, sync: bool):
         # Gradients of non-final micro-steps stay unsharded and local; the last one reduce-scatters all.
