@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import require, validate_fields
 from .layers import (CheckpointedBlocks, DiagonalGaussian, Downsample3d, ResBlock3d, Upsample3d, group_norm,
-                     set_activation_checkpointing)
+                     init_posterior_head, set_activation_checkpointing)
 
 
 @dataclass
@@ -85,6 +85,7 @@ class VoxelVAE(nn.Module):
         self.config = cfg
         self.encoder = VoxelEncoder(cfg)
         self.decoder = VoxelDecoder(cfg)
+        init_posterior_head(self.encoder.net.blocks[-1])  # the moments conv: start near-deterministic
 
     def _check_grid(self, grid: torch.Tensor) -> None:
         f = self.config.downsample_factor
