@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import models
+from data_pipeline.batches import VaeOptions
 
 from . import meshing
 from . import objectives as obj
@@ -136,9 +137,14 @@ class Evaluator:
                                  batch.get("sharp_normal")).mode()
             pred = as_sdf(net.query(net.decode(latents), batch["query"]), kind)
             iou = obj.volume_iou(pred, batch["sdf"])
+            # the loader puts the uniform volume queries first: their IoU is the usual volume IoU
+            num_vol = self.task.loader_options().get("num_vol", VaeOptions.num_vol)
+            iou_vol = obj.volume_iou(pred[:, :num_vol], batch["sdf"][:, :num_vol])
             grids = decode_grids(net, latents, kind=kind, resolution=ev.grid_resolution, chunk=ev.query_chunk)
         files, meshes = write_meshes(grids, out_dir, "recon")
-        metrics = {"iou": float(iou.mean())}
+        metrics = {"iou": float(iou.mean())}                      # all queries (volume + near-surface)
+        if not isinstance(net, models.VoxelVAE):
+            metrics["iou_vol"] = float(iou_vol.mean())
         if "surface" in batch and batch["surface"].shape[1] > 1:
             scores = [obj.chamfer_and_fscore(meshing.surface_points(m, 4096), batch["surface"][i].cpu(),
                                              ev.fscore_threshold) for i, m in enumerate(meshes)]
