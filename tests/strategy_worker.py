@@ -91,11 +91,13 @@ def resume_task(name: str, overrides: list[str], batch_file: Path, out: Path, ch
     try:
         meta, _ = ckpt.load_checkpoint(engine, checkpoint, ema=ema)
         full, full_ema = engine.full_state_dict(), engine.full_state_dict(ema)
+        adam = engine.optimizer.optimizer if engine.strategy == "deepspeed" else engine.optimizer
+        adam_steps = sorted({float(st["step"]) for st in adam.state.values()})   # restored optimiser state
         batches = local_batches(torch.load(batch_file, weights_only=False), engine, cfg.optim.grad_accum)[:1]
         losses = run_steps(cfg, engine, task, model, ema, batches, meta["step"])
         if engine.is_main:
             torch.save({"model": full, "ema": full_ema}, out / f"{name}_resumed_weights.pt")
-        return {"losses": losses, "lr": engine.lr()}
+        return {"losses": losses, "lr": engine.lr(), "adam_steps": adam_steps}
     finally:
         engine.close()
 

@@ -18,15 +18,18 @@ last rank zero-padded) and the EMA is an fp32 copy of exactly that partition: no
 rank saves its partitions in ``ema_rank_XXXXX.pt``; :func:`merge_partitions` rebuilds full tensors.
 
 Checkpoints are DeepSpeed's own (``engine.save_checkpoint`` into ``<checkpoint>/deepspeed/``) plus
-our scheduler and EMA files. A checkpoint loads on the same number of ranks. On another number of
-ranks the model weights (consolidated with DeepSpeed's zero_to_fp32 reader) and the EMA are restored
-and the optimiser state starts fresh (see docs/strategies.md for why the universal format is not used).
+our scheduler and EMA files. On another number of ranks, rank 0 converts the checkpoint once into
+DeepSpeed's universal format (``<checkpoint>/universal/``, ds_to_universal) and every rank loads
+weights and optimiser state from it; the EMA partitions are merged and re-split by us.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +42,7 @@ from .ema import EMA
 from .engine import Engine, OptimizerFactory, SchedulerFactory
 
 DS_TAG = "deepspeed"
+UNIVERSAL_TAG = "universal"   # <checkpoint>/universal/: DeepSpeed's universal format, made on demand
 BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
 
 
@@ -194,7 +198,12 @@ class DeepSpeedEngine(Engine):
 
     # -- state ------------------------------------------------------------------
     def save_state(self, directory: Path, ema: EMA | None) -> list[str]:
-        self.model.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        # the universal-checkpoint marker lets ds_to_universal convert ZeRO-1/2 checkpoints too
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.model.save_checkpoint(str(directory), tag=DS_TAG, client_state=info, save_latest=False)
         if self.is_main:
             torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
         if ema is not None and self.partitioned:
@@ -216,17 +225,53 @@ class DeepSpeedEngine(Engine):
             self.model.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
                                        load_lr_scheduler_states=False)
         else:
-            self._load_weights_only(directory, meta["world_size"])
+            self._load_resharded(directory, meta["world_size"])
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
         if ema is not None:
             self._load_ema(directory, ema)
 
-    def _load_weights_only(self, directory: Path, saved_world: int) -> None:
+    def _load_resharded(self, directory: Path, saved_world: int) -> None:
+        """Another number of ranks: through DeepSpeed's universal checkpoint (weights and optimiser
+        state, converted once by rank 0 into ``<checkpoint>/universal/``); if that conversion fails,
+        the fp32 weights alone (zero_to_fp32) and a fresh optimiser state."""
+        converted = self._convert_to_universal(directory) if self.is_main else None
+        if not self.broadcast_object(converted):
+            if self.is_main:
+                print(f"[shapeflow] DeepSpeed checkpoint from {saved_world} ranks on {self.world_size}: universal "
+                      "conversion failed; restoring the fp32 weights and EMA, the optimiser state starts fresh",
+                      flush=True)
+            self._load_weights_only(directory)
+            return
+        self.model._config.load_universal_checkpoint = True   # read by load_checkpoint and the ZeRO optimiser
+        try:
+            self.model.load_checkpoint(str(directory), tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        finally:
+            self.model._config.load_universal_checkpoint = False
+
+    @staticmethod
+    def _convert_to_universal(directory: Path) -> bool:
+        """``<checkpoint>/universal/`` from ``<checkpoint>/deepspeed/`` (DeepSpeed's ds_to_universal),
+        written to a temporary name and renamed, so an interrupted conversion is never used."""
+        target = directory / UNIVERSAL_TAG
+        if target.is_dir():
+            return True
+        tmp = directory / f".{UNIVERSAL_TAG}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(directory / DS_TAG), "--output_folder", str(tmp), "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"[shapeflow] ds_to_universal failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        os.replace(tmp, target)
+        return True
+
+    def _load_weights_only(self, directory: Path) -> None:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        if self.is_main:
-            print(f"[shapeflow] DeepSpeed checkpoint from {saved_world} ranks on {self.world_size}: restoring the "
-                  "fp32 weights and EMA; the optimiser state starts fresh", flush=True)
         full = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DS_TAG)
         self.load_full_state_dict(full)
 
