@@ -1,5 +1,6 @@
 """A rank that dies (SIGKILL) or hangs (SIGSTOP) makes the other rank of a 2-process `shapeflow train`
-exit non-zero with a clear message within the collective timeout (engine.timeout_s), not hang.
+exit non-zero with a clear message within the collective timeout (engine.timeout_s), not hang; under
+DDP, DeepSpeed ZeRO-3 (whose own process groups must inherit the timeout) and FSDP2.
 
 The two processes are started like srun starts them (RANK / WORLD_SIZE / MASTER_ADDR per process, no
 torchrun agent that would kill the survivor for us)."""
@@ -20,20 +21,24 @@ TIMEOUT_S = 15          # engine.timeout_s of the run
 BOUND_S = TIMEOUT_S + 30  # the survivor must be gone by then (start-up of the error path included)
 
 
-def start_rank(rank: int, port: int, shards, run_dir) -> subprocess.Popen:
+def start_rank(rank: int, port: int, shards, run_dir, strategy: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank),
            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "trainer.cli", "train", "vecset_vae_debug", f"data.path={shards}",
            f"run.dir={run_dir}", *FAST, "run.max_steps=100000", "run.ckpt_every=2", "run.eval_every=0",
-           "run.log_every=1", f"engine.timeout_s={TIMEOUT_S}"]
+           "run.log_every=1", f"engine.timeout_s={TIMEOUT_S}", *strategy]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("fault", ["kill", "hang"])
-def test_dead_or_hung_rank_stops_the_job_in_bounded_time(train_shards, tmp_path, fault):
+STRATEGIES = {"ddp": [], "zero3": ["engine.strategy=deepspeed", "engine.zero_stage=3"],
+              "fsdp2": ["engine.strategy=fsdp2"]}
+
+
+@pytest.mark.parametrize("strategy, fault", [("ddp", "kill"), ("zero3", "hang"), ("fsdp2", "hang")])
+def test_dead_or_hung_rank_stops_the_job_in_bounded_time(train_shards, tmp_path, strategy, fault):
     port, run_dir = free_port(), tmp_path / "run"
-    procs = [start_rank(r, port, train_shards, run_dir) for r in range(2)]
+    procs = [start_rank(r, port, train_shards, run_dir, STRATEGIES[strategy]) for r in range(2)]
     try:
         deadline = time.monotonic() + 180
         while not (run_dir / "checkpoints" / "latest").exists():   # both ranks are in the loop
