@@ -181,8 +181,8 @@ def load_checkpoint(engine: Engine, path: Path, *, ema: EMA | None) -> tuple[dic
         raise FileNotFoundError(f"{path} is not a complete checkpoint")
     saved = meta.get("strategy", "ddp")
     if saved != engine.strategy:   # each engine reads only its own native format
-        raise ValueError(f"{path} was written with engine.strategy={saved}; resume with that strategy, or start a "
-                         f"new run from its weights (`shapeflow export` gives them as one file)")
+        raise ValueError(f"{path} was written with engine.strategy={saved}; resume with that strategy "
+                         f"(`shapeflow export` turns any strategy's checkpoint into one safetensors file)")
     engine.load_state(path, ema)
     own = path / rank_file(engine.rank)
     if meta["world_size"] == engine.world_size and own.exists():
