@@ -201,6 +201,21 @@ def summarize(out: Path, uri: str, experiment: str, vae: dict, dit: dict, report
     ])
 
 
+class Stages:
+    """Numbered progress lines and the wall time of each stage (printed in the summary)."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.seconds = total, 0, {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str) -> Iterator[None]:
+        self.index += 1
+        print(f"shapeflow demo: {self.index}/{self.total} {what}", flush=True)
+        tic = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - tic, 1)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
@@ -210,27 +225,28 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meshes = demo_meshes(Path(args.meshes), args.fast)
     shards = out / "shards"
-    print(f"shapeflow demo: 1/5 preprocess {len(meshes)} meshes -> {shards}", flush=True)
-    preprocess(meshes, shards, size, args.workers)
+    stages = Stages(5)
+    with stages.stage("preprocess", f"preprocess {len(meshes)} meshes -> {shards}"):
+        preprocess(meshes, shards, size, args.workers)
     with demo_tracking(out) as (uri, experiment):
-        print(f"shapeflow demo: 2/5 train the VAE ({size.vae_steps} steps) -> {out / 'vae'}", flush=True)
-        vae = train_stage("vecset_vae_debug", out / "vae", vae_overrides(shards, size))
-        vae_ckpt = final_checkpoint(out / "vae")
-        print(f"shapeflow demo: 3/5 train the DiT ({size.dit_steps} steps) on the VAE's latents -> {out / 'dit'}",
-              flush=True)
-        dit = train_stage("vecset_dit_debug", out / "dit", dit_overrides(shards, vae_ckpt, size))
-        dit_ckpt = final_checkpoint(out / "dit")
-        print(f"shapeflow demo: 4/5 sample {size.num_samples} meshes -> {out / 'samples'}", flush=True)
-        samples = sample(dit_ckpt, out / "samples", size)
-        print(f"shapeflow demo: 5/5 evaluate the VAE -> {out / 'eval.json'}", flush=True)
-        report = evaluate(vae_ckpt, shards, out / "eval.json", size)
-        log_to_runs(uri, vae["mlflow_run_id"], dit["mlflow_run_id"], samples, report, out / "eval.json")
+        with stages.stage("vae", f"train the VAE ({size.vae_steps} steps) -> {out / 'vae'}"):
+            vae = train_stage("vecset_vae_debug", out / "vae", vae_overrides(shards, size))
+            vae_ckpt = final_checkpoint(out / "vae")
+        with stages.stage("dit", f"train the DiT ({size.dit_steps} steps) on the VAE's latents -> {out / 'dit'}"):
+            dit = train_stage("vecset_dit_debug", out / "dit", dit_overrides(shards, vae_ckpt, size))
+            dit_ckpt = final_checkpoint(out / "dit")
+        with stages.stage("sample", f"sample {size.num_samples} meshes -> {out / 'samples'}"):
+            samples = sample(dit_ckpt, out / "samples", size)
+        with stages.stage("eval", f"evaluate the VAE -> {out / 'eval.json'}"):
+            report = evaluate(vae_ckpt, shards, out / "eval.json", size)
+            log_to_runs(uri, vae["mlflow_run_id"], dit["mlflow_run_id"], samples, report, out / "eval.json")
     seconds = time.perf_counter() - started
     text = summarize(out, uri, experiment, vae, dit, report, samples, seconds)
+    timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.seconds.items())
     (out / "summary.json").write_text(json.dumps({
         "out": str(out), "shards": str(shards), "vae_checkpoint": str(vae_ckpt), "dit_checkpoint": str(dit_ckpt),
         "samples": samples["files"], "eval": report["mean"], "mlflow_tracking_uri": uri,
         "mlflow_experiment": experiment, "mlflow_runs": {"vae": vae["mlflow_run_id"], "dit": dit["mlflow_run_id"]},
-        "seconds": round(seconds, 1)}, indent=2))
-    print(text)
+        "seconds": round(seconds, 1), "stage_seconds": stages.seconds}, indent=2))
+    print(f"{text}\n  stage times  {timing}")
     return 0
