@@ -164,7 +164,7 @@ def validate_engine(engine: EngineConfig) -> EngineConfig:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks; raises ConfigError naming the key."""
     _require(cfg.engine.strategy in SUPPORTED_STRATEGIES, "engine.strategy",
-             f"{cfg.engine.strategy!r} is not yet supported (supported: {', '.join(SUPPORTED_STRATEGIES)})")
+             f"{cfg.engine.strategy!r} is not supported (supported: {', '.join(SUPPORTED_STRATEGIES)})")
     validate_engine(cfg.engine)
     _require(bool(cfg.data.path), "data.path", "is required (a shard directory or URL list)")
     _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")

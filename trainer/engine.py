@@ -16,8 +16,9 @@ WORLD_SIZE distinct ranks (accelerate on CPU can otherwise silently run every pr
 An ``accelerate launch`` config that asks for DeepSpeed or FSDP only selects the strategy (and its
 stage / offload / reshard settings); the wrapping is always done here, never by accelerate.
 
-Collectives time out after ``engine.timeout_s``: a dead or hung peer makes the others fail with
-:class:`PeerFailure`-style errors (see :func:`describe_peer_failure`) instead of hanging.
+Collectives time out after ``engine.timeout_s``: a dead or hung peer makes the others' next collective
+fail instead of hang; :func:`describe_peer_failure` turns that error into the one line `shapeflow
+train` prints before exiting with code 4.
 """
 from __future__ import annotations
 

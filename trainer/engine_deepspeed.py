@@ -303,6 +303,13 @@ class DeepSpeedEngine(Engine):
             else torch.load(directory / "ema.pt", weights_only=True)
         ema.load_state_dict({name: split_partition(full[name], self.rank, self.world_size) for name in ema.names})
 
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if self.world_size == 1:
+            return [t]
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return parts
+
     def full_state_dict(self, ema: EMA | None = None) -> dict[str, torch.Tensor] | None:
         import deepspeed
 
@@ -321,9 +328,7 @@ class DeepSpeedEngine(Engine):
                 if not self.partitioned:
                     full = shadows[name]
                 else:   # all-gather the partitions (only for evaluation and export, not per step)
-                    parts = [torch.empty_like(shadows[name]) for _ in range(self.world_size)]
-                    dist.all_gather(parts, shadows[name]) if self.world_size > 1 else parts.__setitem__(0, shadows[name])
-                    full = merge_partitions(parts, p.ds_shape)
+                    full = merge_partitions(self._all_gather(shadows[name]), p.ds_shape)
                 if self.is_main:
                     state[name] = full.cpu().clone()
         return state if self.is_main else None

@@ -17,7 +17,8 @@ from data_pipeline.typed_config import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="DiT checkpoint directory (run.dir/checkpoints/step_XXXXXXXX)")
+    parser.add_argument("checkpoint", help="DiT checkpoint directory (run.dir/checkpoints/step_XXXXXXXX, any "
+                        "engine strategy) or a `shapeflow export` .safetensors file")
     parser.add_argument("--out", required=True, help="output directory for meshes and previews")
     parser.add_argument("--num", type=int, default=4, help="number of shapes (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's eval.sample_steps)")
@@ -29,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("glb", "obj"), default="glb")
     parser.add_argument("--preview", action="store_true", help="also write a PNG preview per mesh")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    parser.add_argument("--vae", default=None, help="VAE checkpoint (default: the one the DiT was trained with)")
+    parser.add_argument("--vae", default=None, help="VAE checkpoint directory or exported .safetensors file "
+                        "(default: the one the DiT was trained with)")
 
 
 def _condition(cfg, args, n: int, device) -> torch.Tensor | None:
