@@ -221,3 +221,23 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_exports(runs, strategy, tmp
             exported = load_file(str(target))
             want = saved["ema" if use_ema else "model"]
             assert_weights_close(exported, {k[len("net."):]: v for k, v in want.items()}, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "fsdp2"])
+def test_a_non_finite_loss_skips_the_update_under_sharded_strategies(train_shards, tmp_path, monkeypatch, strategy):
+    """One process (a one-rank group): the NaN step is skipped and counted, the weights do not move."""
+    import math
+
+    from trainer import checkpoint as ckpt
+    from test_train_paths import poison_loss
+
+    monkeypatch.setenv("LOCAL_RANK", "0")   # DeepSpeed sets it for a launcher-less process; keep it local
+    poison_loss(monkeypatch, {1})
+    run_dir = tmp_path / "run"
+    summary = train(load_train_config("vecset_vae_debug", [
+        f"data.path={train_shards}", f"run.dir={run_dir}", *FAST, "run.eval_every=0", "run.max_steps=3",
+        "run.ckpt_every=1", "ema.enabled=false", *STRATEGIES[strategy]]))
+    assert summary["skipped_steps"] == 1 and math.isnan(summary["losses"][1])
+    weights = [ckpt.network_state(run_dir / "checkpoints" / f"step_{s:08d}", use_ema=False) for s in (1, 2, 3)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])     # the poisoned step changed nothing
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # training went on
