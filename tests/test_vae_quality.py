@@ -53,7 +53,8 @@ def test_a_new_vecset_vae_starts_with_a_narrow_posterior():
     torch.manual_seed(0)
     net = models.build("vecset_vae/debug")
     pts = torch.rand(2, 128, 3) * 2 - 1
-    post = net.encode(pts, torch.nn.functional.normalize(torch.randn(2, 128, 3), dim=-1))
+    with torch.no_grad():
+        post = net.encode(pts, torch.nn.functional.normalize(torch.randn(2, 128, 3), dim=-1))
     std = post.std
     assert torch.allclose(std, torch.full_like(std, float(np.exp(0.5 * POSTERIOR_INIT_LOGVAR))))
     assert float(post.mean.abs().mean()) > 5 * float(std.mean())   # signal dominates the noise at the start
