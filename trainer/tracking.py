@@ -105,11 +105,13 @@ class Tracker:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        histories = {key: sorted(self.metric_history(key)) for key in keys}
+        histories = {key: h for key, h in histories.items() if h}
+        if not histories:  # nothing logged yet (e.g. every step so far was skipped)
+            return
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in keys:
-            history = sorted(self.metric_history(key))
-            if history:
-                ax.plot([s for s, _ in history], [v for _, v in history], label=key)
+        for key, history in histories.items():
+            ax.plot([s for s, _ in history], [v for _, v in history], label=key)
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.legend()
