@@ -40,7 +40,7 @@ class DemoSize:
     eval_samples: int
 
 
-FULL = DemoSize(preprocess_overrides=(), vae_steps=400, dit_steps=400, num_samples=4, sample_steps=30, grid=64,
+FULL = DemoSize(preprocess_overrides=(), vae_steps=1500, dit_steps=1000, num_samples=4, sample_steps=30, grid=64,
                 eval_samples=0)
 FAST = DemoSize(preprocess_overrides=("watertight.resolution=32", "watertight.coarse_resolution=16",
                                       "sampling.volume_points=1024", "occupancy_resolution=16"),
