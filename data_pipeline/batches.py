@@ -163,14 +163,17 @@ def expect(arr: np.ndarray, dtype: str, ndim: int, raw: dict, key: str) -> np.nd
 # point selection
 # ---------------------------------------------------------------------------
 
-def pick_indices(total: int, count: int, order: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+def pick_indices(total: int, count: int, order: np.ndarray | None, rng: np.random.Generator,
+                 prefix_stored: bool = False) -> np.ndarray | range:
     """``count`` indices into ``total`` points: the prefix of ``order`` (FPS) if given, else random.
 
+    ``prefix_stored``: the points are stored FPS order first (``order`` is ``arange(K)``), so the
+    prefix is ``range(count)``, a slice instead of a cache-missing gather.
     An FPS order shorter than ``count`` is continued with random other points;
     fewer than ``count`` points in all are drawn with replacement.
     """
     if order is not None and len(order) >= count:
-        return order[:count]
+        return range(count) if prefix_stored else order[:count]
     head = np.asarray(order if order is not None else [], dtype=np.int64)
     unused = np.ones(total, dtype=bool)
     unused[head] = False
@@ -180,12 +183,26 @@ def pick_indices(total: int, count: int, order: np.ndarray | None, rng: np.rando
     return np.concatenate([head, tail]).astype(np.int64)
 
 
-def rows(array: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``array[idx]`` for row indices; np.take is several times faster than fancy indexing here."""
+def rows(array: np.ndarray, idx: np.ndarray | range) -> np.ndarray:
+    """``array[idx]`` for row indices; np.take is several times faster than fancy indexing here,
+    and a contiguous ``range`` is a slice (no gather at all)."""
+    if isinstance(idx, range):
+        return array[idx.start:idx.stop]
     return np.take(array, idx, axis=0)
 
 
-def surface_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def fps_prefix_stored(raw: dict, meta: dict, key: str, order: np.ndarray) -> bool:
+    """True when json says the points are stored FPS order first (preprocess-2 and later); then
+    ``order`` (the ``key`` array) must be ``0..K-1``: checked, a mismatch would give non-FPS subsets."""
+    if meta.get("fps_prefix_stored") is not True:
+        return False
+    if not np.array_equal(order, np.arange(len(order), dtype=order.dtype)):
+        raise BadSample(f"sample {raw.get('__key__')!r}: json says fps_prefix_stored but {key} "
+                        f"is not 0..{len(order) - 1}")
+    return True
+
+
+def surface_arrays(raw: dict, meta: dict, opts: SurfaceOptions, rng: np.random.Generator) -> dict[str, np.ndarray]:
     points = expect(load_npy(raw, "surface.npy"), "uint16", 2, raw, "surface.npy")
     normals = expect(load_npy(raw, "surface_normal.npy"), "int8", 2, raw, "surface_normal.npy")
     if len(points) == 0 or len(normals) != len(points):
@@ -193,16 +210,17 @@ def surface_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator) ->
     use_fps = opts.surface_sampling == "fps"
     fps = expect(load_npy(raw, "surface_fps.npy"), "int32", 1, raw, "surface_fps.npy") if use_fps else None
     n, m = opts.num_surface, opts.num_sharp
-    idx = pick_indices(len(points), n + m, fps, rng)  # idx[n:] stand in for missing sharp points
+    prefix = use_fps and fps_prefix_stored(raw, meta, "surface_fps.npy", fps)
+    idx = pick_indices(len(points), n + m, fps, rng, prefix)  # idx[n:] stand in for missing sharp points
     out = {"surface": dequantize_coords(rows(points, idx[:n])),
            "surface_normal": dequantize_normals(rows(normals, idx[:n]))}
     if m:
-        out.update(sharp_arrays(raw, opts, rng, fill=(points, normals, idx[n:])))
+        out.update(sharp_arrays(raw, meta, opts, rng, fill=(points, normals, idx[n:])))
     return out
 
 
-def sharp_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator,
-                 fill: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+def sharp_arrays(raw: dict, meta: dict, opts: SurfaceOptions, rng: np.random.Generator,
+                 fill: tuple[np.ndarray, np.ndarray, np.ndarray | range]) -> dict[str, np.ndarray]:
     """M sharp points; a sample with fewer than M is topped up with surface points (sharp_valid False).
 
     ``fill``: (surface points, surface normals, indices of further surface points to use).
@@ -212,8 +230,10 @@ def sharp_arrays(raw: dict, opts: SurfaceOptions, rng: np.random.Generator,
     m = opts.num_sharp
     have = min(len(points), m)
     if have:
-        fps = load_npy(raw, "sharp_fps.npy") if opts.surface_sampling == "fps" else None
-        idx = pick_indices(len(points), have, fps, rng)
+        use_fps = opts.surface_sampling == "fps"
+        fps = load_npy(raw, "sharp_fps.npy") if use_fps else None
+        prefix = use_fps and fps_prefix_stored(raw, meta, "sharp_fps.npy", fps)
+        idx = pick_indices(len(points), have, fps, rng, prefix)
         points, normals = rows(points, idx), rows(normals, idx)
     else:
         points, normals = points[:0], normals[:0]
@@ -296,7 +316,7 @@ def sample_arrays(raw: dict, task: str, opts, rng: np.random.Generator) -> dict[
     if task == "dit" and opts.use_latents:
         out["latent"] = load_npy(raw, LATENT_KEY).astype(np.float32)
     else:
-        out.update(surface_arrays(raw, opts, rng))
+        out.update(surface_arrays(raw, meta, opts, rng))
     if task == "vae":
         out.update(query_arrays(raw, opts, rng))
         if opts.occupancy:

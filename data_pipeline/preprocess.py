@@ -16,12 +16,12 @@ import numpy as np
 from data_pipeline import schema
 from data_pipeline.mesh_io import load_mesh, normalise
 from data_pipeline.preprocess_config import PreprocessConfig
-from data_pipeline.sampling import (fps_order, near_queries, sample_sharp, sample_surface,
+from data_pipeline.sampling import (fps_first, fps_order, near_queries, sample_sharp, sample_surface,
                                     volume_queries)
 from data_pipeline.sdf import SdfLabeller
 from data_pipeline.watertight import make_watertight
 
-PIPELINE_VERSION = "preprocess-1"
+PIPELINE_VERSION = "preprocess-2"  # 2: points stored FPS order first
 WATERTIGHT_METHOD = "winding-number sign + narrow-band distance + marching cubes"
 
 
@@ -95,16 +95,19 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
     sample["occ.npy"] = schema.pack_occupancy(labeller.inside(occ_centres).reshape((cfg.occupancy_resolution,) * 3))
     clock.lap("occupancy")
 
-    sample.update({
-        "surface.npy": schema.quantize_coords(surface),
-        "surface_normal.npy": schema.quantize_normals(surface_normal),
-        "surface_fps.npy": surface_fps,
-        "sharp.npy": schema.quantize_coords(sharp).reshape(-1, 3),
-        "sharp_normal.npy": schema.quantize_normals(sharp_normal).reshape(-1, 3),
-        "sharp_fps.npy": sharp_fps,
-    })
+    sample.update(fps_prefix_arrays("surface", surface, surface_normal, surface_fps))
+    sample.update(fps_prefix_arrays("sharp", sharp, sharp_normal, sharp_fps))
     sample["json"] = _metadata(task, sha, normalised, raw, watertight, result, cfg, sample, clock.timings)
     return sample
+
+
+def fps_prefix_arrays(name: str, points: np.ndarray, normals: np.ndarray, order: np.ndarray) -> dict:
+    """Quantised ``name`` points and normals stored FPS order first (json ``fps_prefix_stored``):
+    rows 0..K-1 are the FPS order, so ``<name>_fps`` is ``arange(K)`` and a prefix is a slice."""
+    perm = fps_first(order, len(points))
+    return {f"{name}.npy": schema.quantize_coords(points[perm]).reshape(-1, 3),
+            f"{name}_normal.npy": schema.quantize_normals(normals[perm]).reshape(-1, 3),
+            f"{name}_fps.npy": np.arange(len(order), dtype=np.int32)}
 
 
 def _metadata(task, sha, normalised, raw, watertight, result, cfg, sample, timings) -> dict:
@@ -127,6 +130,7 @@ def _metadata(task, sha, normalised, raw, watertight, result, cfg, sample, timin
                        "winding_evaluations": result.grid.winding_evaluations},
         "timings": timings,
         "pipeline_version": PIPELINE_VERSION,
+        "fps_prefix_stored": True,
     }
 
 

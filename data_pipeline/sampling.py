@@ -74,6 +74,15 @@ def fps_order(points: np.ndarray, count: int, bucket_height: int) -> np.ndarray:
     return order.astype(np.int32)
 
 
+def fps_first(order: np.ndarray, count: int) -> np.ndarray:
+    """int64 [count]: a permutation of ``range(count)`` that puts the rows of ``order`` first, in that
+    order, then every other row in its original order. Storing points permuted by it makes the FPS
+    order ``arange(len(order))``, so the loader takes FPS prefixes as contiguous slices."""
+    rest = np.ones(count, dtype=bool)
+    rest[order] = False
+    return np.concatenate([order.astype(np.int64), np.flatnonzero(rest)])
+
+
 def volume_queries(count: int, rng: np.random.Generator) -> np.ndarray:
     """float64 [count, 3] uniform in [-1.05, 1.05]^3."""
     return rng.uniform(-COORD_RANGE, COORD_RANGE, size=(count, 3))

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from data_pipeline import make_loader
+from data_pipeline.batches import BadSample, parse_task_options, sample_arrays
+from data_pipeline.preprocess import encode_npy
 from data_pipeline.loader import LoaderWarning, training_epoch_samples
 from data_pipeline.schema import dequantize_coords, dequantize_normals, unpack_occupancy
 from data_pipeline.typed_config import ConfigError
@@ -201,6 +203,54 @@ def test_dequantised_values_match_the_stored_ones(loader_shards):
                 for p, v in zip(batch["query"][row, part].numpy(), batch["sdf"][row, part].numpy()):
                     assert table[tuple(p)] == np.float32(v)
             np.testing.assert_allclose(batch["center"][row].numpy(), s["json"]["center"], rtol=1e-6)
+
+
+def raw_sample(sample: dict, json_meta: dict) -> dict:
+    """A raw (bytes) shard sample from arrays, as the tar reader hands it to the decoder."""
+    raw = {"__key__": json_meta["id"], "json": json.dumps(json_meta).encode()}
+    raw.update({key: encode_npy(v) for key, v in sample.items() if key != "json"})
+    return raw
+
+
+def old_layout(sample: dict, rng) -> tuple[dict, dict]:
+    """The same points in the pre-``fps_prefix_stored`` layout: rows shuffled, FPS orders index them."""
+    old = dict(sample)
+    for name in ("surface", "sharp"):
+        perm = rng.permutation(len(sample[f"{name}.npy"]))        # old row j holds new row perm[j]
+        where = np.argsort(perm)                                  # new row i sits at old row where[i]
+        old[f"{name}.npy"], old[f"{name}_normal.npy"] = sample[f"{name}.npy"][perm], sample[f"{name}_normal.npy"][perm]
+        old[f"{name}_fps.npy"] = where[sample[f"{name}_fps.npy"]].astype(np.int32)
+    meta = {k: v for k, v in sample["json"].items() if k != "fps_prefix_stored"}
+    return old, meta
+
+
+def test_fps_prefix_slices_equal_the_gather_of_old_layout_shards(loader_shards):
+    opts = parse_task_options("dit", dict(num_surface=100, num_sharp=48))
+    rng = np.random.default_rng(0)
+    for sample in stored_samples(loader_shards).values():
+        assert sample["json"]["fps_prefix_stored"] is True
+        old, old_meta = old_layout(sample, rng)
+        assert not np.array_equal(old["surface_fps.npy"], sample["surface_fps.npy"])
+        new_out = sample_arrays(raw_sample(sample, sample["json"]), "dit", opts, np.random.default_rng(1))
+        old_out = sample_arrays(raw_sample(old, old_meta), "dit", opts, np.random.default_rng(1))
+        for key in ("surface", "surface_normal", "sharp", "sharp_normal", "sharp_valid"):
+            np.testing.assert_array_equal(new_out[key], old_out[key], err_msg=key)
+        fps = sample["surface_fps.npy"][:100]
+        np.testing.assert_array_equal(new_out["surface"], dequantize_coords(sample["surface.npy"][fps]))
+
+
+def test_random_subsets_and_a_wrong_prefix_flag(loader_shards):
+    opts = parse_task_options("dit", dict(num_surface=100, num_sharp=8, surface_sampling="random"))
+    sample = next(iter(stored_samples(loader_shards).values()))
+    for layout, meta in ((sample, sample["json"]), old_layout(sample, np.random.default_rng(0))):
+        out = sample_arrays(raw_sample(layout, meta), "dit", opts, np.random.default_rng(2))
+        stored = {tuple(p) for p in dequantize_coords(layout["surface.npy"])}
+        picked = {tuple(p) for p in out["surface"]}
+        assert len(picked) == 100 and picked <= stored
+        assert picked != {tuple(p) for p in dequantize_coords(layout["surface.npy"][:100])}  # not the FPS prefix
+    old, _ = old_layout(sample, np.random.default_rng(0))   # shuffled orders but the json claims a prefix
+    with pytest.raises(BadSample, match="fps_prefix_stored"):
+        sample_arrays(raw_sample(old, sample["json"]), "dit", parse_task_options("dit", {}), np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------------------

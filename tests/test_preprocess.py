@@ -12,7 +12,7 @@ from conftest import ANALYTIC_SHAPES, analytic_shape
 from data_pipeline import schema
 from data_pipeline.preprocess import MeshTask, file_sha256, mesh_id, process_mesh
 from data_pipeline.preprocess_config import PreprocessConfig, SamplingConfig, WatertightConfig
-from data_pipeline.sampling import fps_order
+from data_pipeline.sampling import fps_first, fps_order
 
 OFFSET, SCALE = np.array([3.0, -2.0, 0.5]), 7.0     # the file holds  mesh * SCALE + OFFSET
 
@@ -96,6 +96,29 @@ def test_sample_layout_and_metadata(shape_sample):
     assert meta["counts"]["surface"] == 3000 and meta["counts"]["vol"] == 6000 and meta["counts"]["near"] == 6000
     fps = sample["surface_fps.npy"]
     assert len(fps) == 256 and len(np.unique(fps)) == 256 and fps.max() < 3000
+    # stored FPS order first: the orders are 0..K-1 and the json says so
+    assert meta["fps_prefix_stored"] is True
+    np.testing.assert_array_equal(fps, np.arange(256))
+    np.testing.assert_array_equal(sample["sharp_fps.npy"], np.arange(len(sample["sharp_fps.npy"])))
+
+
+def test_stored_surface_prefix_is_greedy_farthest_point(shape_sample):
+    """The stored rows 0..K-1 are an FPS order of the stored points (mapped through the new layout)."""
+    name, shape, sample, voxel = shape_sample
+    points = schema.dequantize_coords(sample["surface.npy"]).astype(np.float64)
+    np.testing.assert_array_equal(reference_fps(points, 16, 0), np.arange(16), err_msg=name)
+
+
+def test_fps_first_puts_the_order_first_and_keeps_the_rest_in_place():
+    order = np.array([5, 2, 7], dtype=np.int32)
+    perm = fps_first(order, 9)
+    np.testing.assert_array_equal(perm, [5, 2, 7, 0, 1, 3, 4, 6, 8])
+    points = np.random.default_rng(0).normal(size=(3000, 3))
+    order = fps_order(points, 64, bucket_height=5)
+    stored = points[fps_first(order, len(points))]
+    np.testing.assert_array_equal(stored[:64], points[order])
+    # greedy FPS on the stored layout, started at row 0, is 0..K-1
+    np.testing.assert_array_equal(reference_fps(stored, 64, 0), np.arange(64))
 
 
 def test_sharp_points_on_box_edges_and_none_on_sphere(tmp_path):
