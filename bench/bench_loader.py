@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from data_pipeline import make_loader  # noqa: E402
 from data_pipeline.batches import collate, sample_arrays  # noqa: E402
 from data_pipeline.loader import shard_samples  # noqa: E402
+from data_pipeline.preprocess import PIPELINE_VERSION  # noqa: E402
 from data_pipeline.shard_order import seeded_rng  # noqa: E402
 
 BENCH_MESHES = ["cow.obj", "fandisk.obj", "spot.obj", "suzanne.obj", "multibody.stl", "featuretype.STL"]
@@ -170,7 +171,8 @@ def bench_profile(name: str, options: dict, batch_size: int, paths: list[Path], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, help="existing shard directory (default: build one)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/shapeflow_bench_loader"))
+    # the cache is per pipeline version: shards of an older layout would measure the old decoder path
+    parser.add_argument("--work", type=Path, default=Path(f"/tmp/shapeflow_bench_loader-{PIPELINE_VERSION}"))
     parser.add_argument("--min-mb", type=float, default=150.0)
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per end-to-end run")
     parser.add_argument("--repeats", type=int, default=5)
