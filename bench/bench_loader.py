@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from data_pipeline import make_loader  # noqa: E402
 from data_pipeline.batches import collate, sample_arrays  # noqa: E402
-from data_pipeline.loader import shard_samples  # noqa: E402
+from data_pipeline.shard_reader import shard_samples  # noqa: E402
 from data_pipeline.preprocess import PIPELINE_VERSION  # noqa: E402
 from data_pipeline.shard_order import seeded_rng  # noqa: E402
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.loader import Plan, shard_samples
+from data_pipeline.loader import Plan
+from data_pipeline.shard_reader import shard_samples
 from data_pipeline.schema import ARRAY_KEYS, dequantize_coords
 from data_pipeline.shard_order import resolve_source
 

@@ -72,13 +72,14 @@ class Segment:
 # sources
 # ---------------------------------------------------------------------------
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
+    """A path on this machine (not a URL or a ``pipe:`` command)."""
     return "://" not in url and not url.startswith("pipe:")
 
 
 def _expand(item: str | os.PathLike) -> list[str]:
     text = os.fspath(item)
-    if _is_local(text) and os.path.exists(text):
+    if is_local(text) and os.path.exists(text):
         return [text]  # a real path may legitimately contain braces
     return list(braceexpand.braceexpand(text))
 
@@ -123,7 +124,7 @@ def read_manifest(path: str | os.PathLike) -> list[Shard]:
     shards = []
     for entry in _manifest_entries(manifest, path):
         name, count = _entry_name_and_count(entry, path)
-        url = name if not _is_local(name) or os.path.isabs(name) else str(path.parent / name)
+        url = name if not is_local(name) or os.path.isabs(name) else str(path.parent / name)
         shards.append(Shard(url, count))
     return shards
 
@@ -146,22 +147,22 @@ def read_manifest_dir(directory: str | os.PathLike) -> list[Shard]:
 def _counts_from_sibling_manifest(urls: list[str]) -> dict[str, int | None]:
     """Sample counts for local shard paths whose directory holds a manifest."""
     counts: dict[str, int | None] = {}
-    for directory in {str(Path(u).parent) for u in urls if _is_local(u)}:
+    for directory in {str(Path(u).parent) for u in urls if is_local(u)}:
         if manifest_paths(Path(directory)):
             for shard in read_manifest_dir(directory):
                 counts[os.path.abspath(shard.url)] = shard.num_samples
-    return {u: counts.get(os.path.abspath(u)) if _is_local(u) else None for u in urls}
+    return {u: counts.get(os.path.abspath(u)) if is_local(u) else None for u in urls}
 
 
 def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Shard]:
     """Turn a loader ``source`` into the ordered shard list (the list order defines shard identity)."""
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
-        if _is_local(text) and os.path.isdir(text):
+        if is_local(text) and os.path.isdir(text):
             shards = read_manifest_dir(text)
             _check_local_files_exist([s.url for s in shards], text)
             return shards
-        if _is_local(text) and text.endswith(".json") and os.path.isfile(text):
+        if is_local(text) and text.endswith(".json") and os.path.isfile(text):
             shards = read_manifest(text)
             _check_local_files_exist([s.url for s in shards], text)
             return shards
@@ -178,7 +179,7 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
 
 def _check_local_files_exist(urls: list[str], where: str) -> None:
     for url in urls:
-        if _is_local(url) and not os.path.exists(url):
+        if is_local(url) and not os.path.exists(url):
             raise FileNotFoundError(f"{where}: shard {url} does not exist")
 
 
