@@ -36,10 +36,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from data_pipeline import make_loader  # noqa: E402
-from data_pipeline.batches import collate, sample_arrays  # noqa: E402
-from data_pipeline.shard_reader import shard_samples  # noqa: E402
-from data_pipeline.preprocess import PIPELINE_VERSION  # noqa: E402
-from data_pipeline.shard_order import seeded_rng  # noqa: E402
+from data_pipeline.loading.batches import collate, sample_arrays  # noqa: E402
+from data_pipeline.loading.shard_reader import shard_samples  # noqa: E402
+from data_pipeline.preprocess.pipeline import PIPELINE_VERSION  # noqa: E402
+from data_pipeline.loading.shard_order import seeded_rng  # noqa: E402
 
 BENCH_MESHES = ["cow.obj", "fandisk.obj", "spot.obj", "suzanne.obj", "multibody.stl", "featuretype.STL"]
 BENCH_CONFIG = "watertight: {resolution: 64, coarse_resolution: 16}\nshard_max_samples: 3\n"
@@ -54,7 +54,7 @@ PROFILES = {"vecset_vae_base": (VAE_BASE, 8), "vecset_dit_base": (DIT_BASE, 16)}
 
 def build_shards(work: Path, min_mb: float) -> Path:
     """Preprocess the bench meshes once (cached in ``work``), then replicate shards up to ``min_mb``."""
-    from trainer import cli
+    from trainer import commands as cli
     base = work / "base"
     if not (base / "manifest.json").exists():
         config = work / "bench.yaml"

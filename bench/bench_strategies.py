@@ -43,9 +43,9 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     import models
     from trainer.config import load_train_config
-    from trainer.engine import create_engine
+    from trainer.engines import create_engine
     from trainer.loop import make_optimizer, make_scheduler
-    from trainer.steps import DitObjective
+    from trainer.tasks import DitObjective
 
     torch.set_num_threads(1)
     cfg = load_train_config(None, ["task=vae", "data.path=unused", f"precision={args.precision}",

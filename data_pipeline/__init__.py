@@ -7,7 +7,7 @@ preprocessing workers) does not pull in torch.
 
 def __getattr__(name: str):
     if name == "make_loader":
-        from data_pipeline.loader import make_loader
+        from data_pipeline.loading.loader import make_loader
         return make_loader
     raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")
 

@@ -12,7 +12,7 @@
 #       --dry-run          print the command instead of running it
 #   -h, --help
 #
-# Without --accelerate: 1 process runs `python -m trainer.cli train` directly, N > 1 runs
+# Without --accelerate: 1 process runs `python -m trainer.commands train` directly, N > 1 runs
 # `torchrun --standalone --nproc-per-node N`. On a machine without a GPU the processes run on
 # CPU over gloo (the engine picks the backend), with the cores split between them.
 # The strategy (ddp, deepspeed, fsdp2) is the training config's `engine.*` keys or the
@@ -62,7 +62,7 @@ else
   device="$GPUS GPU(s)"
 fi
 
-train=(-m trainer.cli train "$@")
+train=(-m trainer.commands train "$@")
 if [[ -n $ACCEL ]]; then
   config=$ACCEL
   [[ -f $config ]] || config=configs/accelerate/${ACCEL%.yaml}.yaml

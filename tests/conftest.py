@@ -72,7 +72,7 @@ ANALYTIC_SHAPES = ("sphere", "torus", "box", "two_spheres", "thin_plate")
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
     """Folder of real shards from four bundled meshes (see the module docstring)."""
-    from trainer import cli
+    from trainer import commands as cli
 
     out = tmp_path_factory.mktemp("small_shards") / "shards"
     inputs = [str(MESH_DIR / name) for name in SMALL_SHARD_MESHES]

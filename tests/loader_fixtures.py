@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import cli
+from trainer import commands as cli
 
 REPO = Path(__file__).resolve().parent.parent
 MESHES = ["cow.obj", "fandisk.obj", "featuretype.STL", "multibody.stl", "spot.obj", "suzanne.obj",

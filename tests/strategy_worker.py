@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
-from trainer.engine import create_engine
+from trainer.engines import create_engine
 from trainer.loop import Trainer, build_loader, make_optimizer, make_scheduler
-from trainer.steps import make_task
+from trainer.tasks import make_task
 
 
 def rows(batch: dict, lo: int, hi: int) -> dict:

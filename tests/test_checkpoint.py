@@ -9,11 +9,11 @@ import torch
 import models
 from trainer import checkpoint as ckpt
 from trainer.config import EngineConfig, TrainConfig
-from trainer.engine import Engine
+from trainer.engines.ddp import DDPEngine
 
 
 def make_engine():
-    engine = Engine(EngineConfig())
+    engine = DDPEngine(EngineConfig())
     torch.manual_seed(0)
     model = models.build("vecset_dit/debug", condition="none")
     engine.prepare(model, lambda p: torch.optim.AdamW(p, lr=1e-3),

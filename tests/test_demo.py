@@ -20,7 +20,7 @@ def test_demo_fast_runs_the_whole_pipeline_into_one_mlflow_experiment(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "demo", "--fast", "--out", str(out), "--workers", "1"],
+    proc = subprocess.run([sys.executable, "-m", "trainer.commands", "demo", "--fast", "--out", str(out), "--workers", "1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"mlflow ui --backend-store-uri sqlite:///{out.resolve() / 'mlflow.db'}" in proc.stdout, proc.stdout

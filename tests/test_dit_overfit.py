@@ -14,12 +14,12 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from data_pipeline.loader import make_loader
+from data_pipeline.loading.loader import make_loader
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
 from trainer.evaluation import euler_with_cfg
 from trainer.loop import train
-from trainer.steps import load_frozen_vae
+from trainer.tasks import load_frozen_vae
 
 from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
 

@@ -13,7 +13,7 @@ import trimesh
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
-from trainer import cli
+from trainer import commands as cli
 from trainer.config import load_train_config
 from trainer.loop import train
 

@@ -25,7 +25,7 @@ def start_rank(rank: int, port: int, shards, run_dir, strategy: list[str]) -> su
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank),
            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "vecset_vae_debug", f"data.path={shards}",
+    cmd = [sys.executable, "-m", "trainer.commands", "train", "vecset_vae_debug", f"data.path={shards}",
            f"run.dir={run_dir}", *FAST, "run.max_steps=100000", "run.ckpt_every=2", "run.eval_every=0",
            "run.log_every=1", f"engine.timeout_s={TIMEOUT_S}", *strategy]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import matplotlib.image
 
 from loader_fixtures import loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401 (fixtures)
-from trainer import cli
+from trainer import commands as cli
 
 
 def test_inspect_reports_counts_keys_failures_and_writes_a_preview(loader_shards, tmp_path, capsys):

@@ -38,10 +38,10 @@ def test_every_expected_config_is_shipped():
 
 
 def _launch_args(config: Path, monkeypatch):
-    """What `accelerate launch --config_file CONFIG -m trainer.cli train x.yaml` resolves, run from the repo root."""
+    """What `accelerate launch --config_file CONFIG -m trainer.commands train x.yaml` resolves, run from the repo root."""
     monkeypatch.chdir(ROOT)
     parser = launch.launch_command_parser()
-    args = parser.parse_args(["--config_file", str(config), "-m", "trainer.cli", "train", "x.yaml"])
+    args = parser.parse_args(["--config_file", str(config), "-m", "trainer.commands", "train", "x.yaml"])
     args, defaults, mp_from_config = launch._validate_launch_command(args)
     return parser, args, defaults, mp_from_config
 
@@ -135,7 +135,7 @@ def test_workstation_script_commands():
     single = _workstation("configs/vecset_vae_debug.yaml", "run.max_steps=2")
     assert single.returncode == 0, single.stderr
     assert "1 process(es) on CPU" in single.stderr
-    assert "-m trainer.cli train configs/vecset_vae_debug.yaml run.max_steps=2" in single.stderr
+    assert "-m trainer.commands train configs/vecset_vae_debug.yaml run.max_steps=2" in single.stderr
     assert "torch.distributed.run" not in single.stderr
 
     ddp = _workstation("-n", "2", "configs/vecset_vae_debug.yaml")

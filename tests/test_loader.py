@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from data_pipeline import make_loader
-from data_pipeline.batches import BadSample, parse_task_options, sample_arrays
-from data_pipeline.preprocess import encode_npy
-from data_pipeline.loader import LoaderWarning, training_epoch_samples
+from data_pipeline.loading.batches import BadSample, parse_task_options, sample_arrays
+from data_pipeline.preprocess.pipeline import encode_npy
+from data_pipeline.loading.loader import LoaderWarning, training_epoch_samples
 from data_pipeline.schema import dequantize_coords, dequantize_normals, unpack_occupancy
 from data_pipeline.typed_config import ConfigError
 from loader_fixtures import OCC_RESOLUTION, loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401

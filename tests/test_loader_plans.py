@@ -6,7 +6,7 @@ import collections
 import numpy as np
 import pytest
 
-from data_pipeline.shard_order import eval_batches_per_stream, eval_segments, training_units
+from data_pipeline.loading.shard_order import eval_batches_per_stream, eval_segments, training_units
 
 
 def layouts():
@@ -50,6 +50,6 @@ def test_shard_order_changes_with_epoch_and_seed():
 
 
 def test_interleave_takes_turns_and_refills():
-    from data_pipeline.loader import interleave
+    from data_pipeline.loading.loader import interleave
     sources = (iter([f"{name}{i}" for i in range(n)]) for name, n in [("a", 3), ("b", 1), ("c", 2)])
     assert list(interleave(sources, 2)) == ["a0", "b0", "a1", "c0", "a2", "c1"]

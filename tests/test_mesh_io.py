@@ -9,7 +9,7 @@ import pytest
 import trimesh
 
 from conftest import BROKEN_DIR, MESH_DIR
-from data_pipeline.mesh_io import MeshError, load_mesh, normalise
+from data_pipeline.preprocess.mesh_io import MeshError, load_mesh, normalise
 from data_pipeline.schema import NORMALISED_HALF_EXTENT
 
 TETRA = "v 0 0 0\nv 1 0 0\nv 0 {y} 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n"

@@ -15,10 +15,10 @@ import trimesh
 import webdataset as wds
 
 from conftest import BROKEN_DIR, MESH_DIR, TINY_CONFIG
-from data_pipeline.mesh_io import MESH_EXTENSIONS
-from data_pipeline.preprocess_cli import discover, job_of
-from data_pipeline.shard_writer import tar_ids
-from trainer import cli
+from data_pipeline.preprocess.mesh_io import MESH_EXTENSIONS
+from data_pipeline.preprocess.jobs import discover, job_of
+from data_pipeline.preprocess.shard_writer import tar_ids
+from trainer import commands as cli
 
 CHEAP = ["wallhole.obj", "multibody.stl", "BoxTextured.glb", "featuretype.STL"]
 

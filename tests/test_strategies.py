@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from trainer.config import load_train_config
-from trainer.engine import create_engine
+from trainer.engines import create_engine
 from trainer.loop import build_loader, train
-from trainer.steps import make_task
+from trainer.tasks import make_task
 
 from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
@@ -167,7 +167,7 @@ def test_accelerate_launch_config_selects_the_strategy(train_shards, tmp_path, n
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-           "--main_process_port", str(free_port()), "-m", "trainer.cli", "train", "vecset_vae_debug",
+           "--main_process_port", str(free_port()), "-m", "trainer.commands", "train", "vecset_vae_debug",
            f"data.path={train_shards}", f"run.dir={run_dir}", *FAST, "run.max_steps=2", "run.ckpt_every=2",
            "run.eval_every=0"]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -197,7 +197,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank_and_exports(runs, strategy, tmp
     """Weights and EMA bit-exact, Adam state restored (DCP resharding; DeepSpeed's universal checkpoint)."""
     from safetensors.torch import load_file
 
-    from trainer import cli
+    from trainer import commands as cli
 
     _, two_dir = runs.get(strategy)
     out = tmp_path / "resumed"

@@ -5,8 +5,8 @@ import pytest
 
 from data_pipeline.typed_config import ConfigError
 from trainer.config import EngineConfig, load_train_config
-from trainer.engine import describe_peer_failure, resolve_engine_config
-from trainer.engine_deepspeed import deepspeed_config, merge_partitions, split_partition
+from trainer.engines import describe_peer_failure, resolve_engine_config
+from trainer.engines.deepspeed import deepspeed_config, merge_partitions, split_partition
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainer import checkpoint as ckpt
-from trainer import cli
+from trainer import commands as cli
 from trainer.config import load_train_config
 from trainer.loop import train
 
@@ -111,7 +111,7 @@ def test_resume_after_kill_gives_the_same_losses(train_shards, tmp_path):
 
     run_dir = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-m", "trainer.cli", "train", "vecset_vae_debug", f"data.path={train_shards}",
+    args = [sys.executable, "-m", "trainer.commands", "train", "vecset_vae_debug", f"data.path={train_shards}",
             f"run.dir={run_dir}", *FAST, *common]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = run_dir / "checkpoints" / "latest"

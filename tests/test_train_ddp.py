@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
-from trainer.engine import create_engine
+from trainer.engines import create_engine
 from trainer.loop import build_loader, train
-from trainer.steps import BatchRandom, make_task, to_device
+from trainer.tasks import BatchRandom, make_task, to_device
 
 from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
@@ -117,7 +117,7 @@ def test_shapeflow_train_as_two_ddp_processes(train_shards, tmp_path, launcher):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [*LAUNCHERS[launcher](), "-m", "trainer.cli", "train", "vecset_vae_debug", f"data.path={train_shards}",
+    cmd = [*LAUNCHERS[launcher](), "-m", "trainer.commands", "train", "vecset_vae_debug", f"data.path={train_shards}",
            f"run.dir={run_dir}", *FAST, "run.max_steps=3", "run.ckpt_every=3", "run.eval_every=0",
            "run.log_every=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

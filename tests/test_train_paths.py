@@ -10,10 +10,10 @@ from mlflow.tracking import MlflowClient
 
 import models
 from trainer import checkpoint as ckpt
-from trainer import cli
-from trainer import steps as train_steps
+from trainer import commands as cli
+from trainer import tasks as train_steps
 from trainer.config import EngineConfig, load_train_config
-from trainer.engine import create_engine
+from trainer.engines import create_engine
 from trainer.loop import TrainingDiverged, train
 
 from train_fixtures import FAST, MESHES, train_shards  # noqa: F401  (fixture)

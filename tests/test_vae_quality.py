@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import models
-from data_pipeline.loader import make_loader
+from data_pipeline.loading.loader import make_loader
 from models.layers import POSTERIOR_INIT_LOGVAR, DiagonalGaussian
 from trainer import checkpoint as ckpt
 from trainer import objectives as obj
 from trainer.config import load_train_config
 from trainer.loop import train
-from trainer.steps import as_sdf
+from trainer.tasks import as_sdf
 
 from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
 

@@ -6,8 +6,8 @@ import pytest
 import trimesh
 
 from conftest import ANALYTIC_SHAPES, analytic_shape
-from data_pipeline.preprocess_config import WatertightConfig
-from data_pipeline.watertight import WatertightError, make_watertight, signed_grid
+from data_pipeline.preprocess.config import WatertightConfig
+from data_pipeline.preprocess.watertight import WatertightError, make_watertight, signed_grid
 
 FAST = dict(coarse_resolution=16)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import cli
+from trainer import commands as cli
 
 REPO = Path(__file__).resolve().parent.parent
 MESHES = ["spot.obj", "suzanne.obj", "teapot.obj", "cow.obj"]

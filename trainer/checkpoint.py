@@ -29,8 +29,8 @@ import torch
 
 from data_pipeline.typed_config import save_config
 
-from .ema import EMA
-from .engine import Engine
+from trainer.ema import EMA
+from trainer.engines import Engine
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -204,7 +204,7 @@ NET_PREFIX = "net."  # the engine trains a task objective that holds the network
 def network_state(path: Path, use_ema: bool, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The network's weights from a checkpoint of any strategy (EMA parameters over the raw ones when
     asked), consolidated into full tensors by the engine that wrote it."""
-    from .engine import read_full_state
+    from trainer.engines import read_full_state
 
     meta = meta or read_meta(path) or {}
     state = read_full_state(path, meta.get("strategy", "ddp"), use_ema)
@@ -219,7 +219,7 @@ def read_exported(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, A
 
     from data_pipeline.typed_config import ConfigError, from_dict
 
-    from .config import TrainConfig
+    from trainer.config import TrainConfig
 
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
@@ -235,7 +235,7 @@ def load_network(path: Path, use_ema: bool = True):
     import models
     from data_pipeline.typed_config import load_config
 
-    from .config import TrainConfig
+    from trainer.config import TrainConfig
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":

@@ -136,7 +136,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Strategies the engine runs (trainer/engine.py, engine_deepspeed.py, engine_fsdp.py).
+# Strategies the engine runs (trainer/engines/).
 SUPPORTED_STRATEGIES = ("ddp", "deepspeed", "fsdp2")
 
 

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 import models
-from data_pipeline.batches import VaeOptions
+from data_pipeline.loading.batches import VaeOptions
 
-from . import meshing
-from . import objectives as obj
-from .config import TrainConfig
-from .steps import as_sdf, to_device
+from trainer import meshing
+from trainer import objectives as obj
+from trainer.config import TrainConfig
+from trainer.tasks import as_sdf, to_device
 
 
 # ---------------------------------------------------------------------------

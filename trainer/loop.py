@@ -4,8 +4,8 @@
     per step: grad_accum micro-batches (forward under autocast, backward) -> engine.step (clip, guard)
               -> EMA -> metrics (all-reduced every log_every) -> checkpoint / evaluation at intervals
 
-Task-specific work (what a batch means, the loss) lives in trainer/steps.py; distributed work in
-trainer/engine.py; saving in trainer/checkpoint.py; MLflow in trainer/tracking.py.
+Task-specific work (what a batch means, the loss) lives in trainer/tasks.py; distributed work in
+trainer/engines/; saving in trainer/checkpoint.py; MLflow in trainer/tracking.py.
 """
 from __future__ import annotations
 
@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline import loader as data_loader
+from data_pipeline.loading import loader as data_loader
 from data_pipeline.typed_config import save_config
 
-from . import checkpoint as ckpt
-from .config import OptimConfig, TrainConfig
-from .engine import Engine, create_engine
-from .evaluation import Evaluator
-from .steps import BatchRandom, make_task, to_device
-from .tracking import Tracker
+from trainer import checkpoint as ckpt
+from trainer.config import OptimConfig, TrainConfig
+from trainer.engines import Engine, create_engine
+from trainer.evaluation import Evaluator
+from trainer.tasks import BatchRandom, make_task, to_device
+from trainer.tracking import Tracker
 
 
 class TrainingDiverged(RuntimeError):

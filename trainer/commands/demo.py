@@ -4,7 +4,7 @@
       --train vecset_dit_debug (latents of the frozen VAE)--> OUT/dit --sample--> OUT/samples (.glb + .png)
       --eval (VAE reconstruction)--> OUT/eval.json
 
-Every stage is the real command, called in-process (``trainer.cli.main`` for preprocess / sample /
+Every stage is the real command, called in-process (``trainer.commands.main`` for preprocess / sample /
 eval, ``trainer.loop.train`` for training) with demo-sized overrides of the debug presets. Both training
 runs go to one MLflow experiment in one store (``sqlite:///OUT/mlflow.db`` unless MLFLOW_TRACKING_URI is
 set; experiment ``shapeflow-demo`` unless MLFLOW_EXPERIMENT_NAME is set); the samples and the evaluation
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MESH_DIR = REPO / "assets" / "meshes"
 PREPROCESS_CONFIG = REPO / "configs" / "preprocess" / "tiny.yaml"
 DEMO_EXPERIMENT = "shapeflow-demo"
@@ -89,7 +89,7 @@ def demo_tracking(out: Path) -> Iterator[tuple[str, str]]:
 
 def command(*argv: str) -> int:
     """Run a `shapeflow` sub-command in this process; its exit code."""
-    from . import cli
+    from trainer import commands as cli
 
     return cli.main([str(a) for a in argv])
 
@@ -102,14 +102,14 @@ def preprocess(meshes: list[Path], shards: Path, size: DemoSize, workers: int) -
 
 
 def train_stage(config: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    from .config import load_train_config
-    from .loop import train
+    from trainer.config import load_train_config
+    from trainer.loop import train
 
     return train(load_train_config(config, [f"run.dir={run_dir}", *overrides]))
 
 
 def final_checkpoint(run_dir: Path) -> Path:
-    from .checkpoint import latest_checkpoint
+    from trainer.checkpoint import latest_checkpoint
 
     found = latest_checkpoint(run_dir / "checkpoints")
     if found is None:
@@ -168,7 +168,7 @@ def log_to_runs(uri: str, vae_run: str, dit_run: str, samples: dict[str, Any], r
 # ---------------------------------------------------------------------------
 
 def demo_meshes(folder: Path, fast: bool) -> list[Path]:
-    from data_pipeline.mesh_io import is_mesh_file
+    from data_pipeline.preprocess.mesh_io import is_mesh_file
 
     if not folder.is_dir():
         raise FileNotFoundError(f"--meshes: {folder} is not a folder")

@@ -1,4 +1,4 @@
-"""``shapeflow preprocess INPUT... --out DIR``: meshes -> watertight SDF samples -> WebDataset shards.
+"""Preprocessing jobs (the library behind ``shapeflow preprocess``): meshes -> watertight SDF samples -> shards.
 
 INPUT: mesh files, folders (searched recursively) or .txt list files (one path per line).
 Trailing ``key=value`` arguments override the config (e.g. ``watertight.resolution=512``).
@@ -8,40 +8,34 @@ in failures.jsonl, every other mesh was written); 2 usage or config error (nothi
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data_pipeline.mesh_io import COMPANION_EXTENSIONS, MESH_EXTENSIONS
-from data_pipeline.preprocess import MeshTask, file_sha256, mesh_id
-from data_pipeline.preprocess_config import PreprocessConfig
-from data_pipeline.shard_writer import JobOutput
-from data_pipeline.typed_config import config_hash, load_config, to_dict
-from data_pipeline.worker_pool import Outcome, run_pool
+from data_pipeline.preprocess.mesh_io import COMPANION_EXTENSIONS, MESH_EXTENSIONS
+from data_pipeline.preprocess.pipeline import MeshTask, file_sha256, mesh_id
+from data_pipeline.preprocess.config import PreprocessConfig
+from data_pipeline.preprocess.shard_writer import JobOutput
+from data_pipeline.typed_config import config_hash, to_dict
+from data_pipeline.preprocess.worker_pool import Outcome, run_pool
 
-# Usage and config errors (ConfigError, ValueError, FileNotFoundError) become exit code 2 in trainer.cli.
+# Usage and config errors (ConfigError, ValueError, FileNotFoundError) become exit code 2 in trainer.commands.
 EXIT_OK, EXIT_SOME_FAILED = 0, 3
 LIST_EXTENSIONS = (".txt", ".lst")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("exit codes: 0 all meshes written, 3 some inputs failed (see failures.jsonl), "
-                     "2 usage or config error")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="mesh files, folders, .txt lists of paths; then optional key=value config overrides")
-    parser.add_argument("--out", required=True, help="output folder for shards, manifest.json, failures.jsonl")
-    parser.add_argument("--config", help="YAML with differences from the defaults (configs/preprocess/)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--job-index", type=int, default=0, help="this job's part of the inputs (0-based)")
-    parser.add_argument("--num-jobs", type=int, default=1, help="number of disjoint parts (SLURM array size)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # Overrides may follow the options (`INPUT --out DIR --config C key=value`), which plain
-    # parse_args rejects for a nargs="+" positional; the intermixed parser accepts it.
-    parser.parse_args = parser.parse_intermixed_args
+@dataclass(frozen=True)
+class JobSpec:
+    """Where this job writes, which part of the inputs it owns, and how it runs."""
+    out: Path
+    index: int
+    count: int
+    workers: int
+    progress: bool
 
 
 # ---------------------------------------------------------------------------
@@ -93,24 +87,26 @@ def job_of(source: str, num_jobs: int) -> int:
 # the command
 # ---------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> int:
-    inputs, overrides = split_inputs(args.inputs)
-    cfg = load_config(PreprocessConfig, args.config, overrides)   # ConfigError -> exit 2 in trainer.cli
+def run_jobs(inputs: list[str], out: Path, cfg: PreprocessConfig, *, workers: int = 1, job_index: int = 0,
+             num_jobs: int = 1, progress: bool = True) -> int:
+    """Preprocess this job's share of ``inputs`` into ``out``; returns the exit code (EXIT_OK or
+    EXIT_SOME_FAILED). Raises ValueError on bad arguments before any work starts."""
     if not inputs:
         raise ValueError("no INPUT given (only key=value overrides)")
-    if args.num_jobs < 1 or not 0 <= args.job_index < args.num_jobs:
+    if num_jobs < 1 or not 0 <= job_index < num_jobs:
         raise ValueError(f"--job-index must be in [0, --num-jobs) and --num-jobs >= 1, "
-                         f"got {args.job_index} of {args.num_jobs}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    mine = [(p, s) for p, s in discover(inputs) if job_of(s, args.num_jobs) == args.job_index]
-    output = JobOutput(Path(args.out), args.job_index, args.num_jobs, config_hash(cfg), to_dict(cfg),
+                         f"got {job_index} of {num_jobs}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    job = JobSpec(Path(out), job_index, num_jobs, workers, progress)
+    mine = [(p, s) for p, s in discover(inputs) if job_of(s, num_jobs) == job_index]
+    output = JobOutput(job.out, job_index, num_jobs, config_hash(cfg), to_dict(cfg),
                        cfg.shard_max_samples, cfg.shard_max_bytes)
     started = time.perf_counter()
     tasks, skipped, failures = _plan(mine, output)
-    written = _process(tasks, cfg, args, output, failures)
+    written = _process(tasks, cfg, job, output, failures)
     output.finish()
-    _print_summary(args, len(mine), written, skipped, failures, time.perf_counter() - started)
+    _print_summary(job, len(mine), written, skipped, failures, time.perf_counter() - started)
     return EXIT_SOME_FAILED if failures else EXIT_OK
 
 
@@ -133,9 +129,9 @@ def _plan(mine, output: JobOutput):
     return tasks, skipped, failures
 
 
-def _process(tasks, cfg, args, output: JobOutput, failures: list[str]) -> int:
-    bar = tqdm(total=len(tasks), unit="mesh", disable=args.no_progress or not tasks, file=sys.stderr,
-               desc=f"preprocess job {args.job_index}/{args.num_jobs}")
+def _process(tasks, cfg, job: JobSpec, output: JobOutput, failures: list[str]) -> int:
+    bar = tqdm(total=len(tasks), unit="mesh", disable=not job.progress or not tasks, file=sys.stderr,
+               desc=f"preprocess job {job.index}/{job.count}")
     written = 0
 
     def on_outcome(outcome: Outcome) -> None:
@@ -150,16 +146,16 @@ def _process(tasks, cfg, args, output: JobOutput, failures: list[str]) -> int:
         bar.set_postfix(failed=len(failures))
 
     try:
-        run_pool(tasks, cfg, args.workers, on_outcome)
+        run_pool(tasks, cfg, job.workers, on_outcome)
     finally:
         bar.close()
     return written
 
 
-def _print_summary(args, assigned: int, written: int, skipped: int, failures: list[str], seconds: float) -> None:
+def _print_summary(job: JobSpec, assigned: int, written: int, skipped: int, failures: list[str], seconds: float) -> None:
     rate = written / seconds if seconds > 0 else 0.0
-    print(f"shapeflow preprocess: job {args.job_index} of {args.num_jobs}: {assigned} inputs, {written} written, "
-          f"{skipped} already done, {len(failures)} failed ({seconds:.1f} s, {rate:.2f} meshes/s) -> {args.out}")
+    print(f"shapeflow preprocess: job {job.index} of {job.count}: {assigned} inputs, {written} written, "
+          f"{skipped} already done, {len(failures)} failed ({seconds:.1f} s, {rate:.2f} meshes/s) -> {job.out}")
     if failures:
         shown = ", ".join(failures[:5]) + (" ..." if len(failures) > 5 else "")
-        print(f"  failed: {shown} (reasons in {Path(args.out) / 'failures.jsonl'})")
+        print(f"  failed: {shown} (reasons in {job.out / 'failures.jsonl'})")

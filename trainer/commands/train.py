@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .config import load_train_config
+from trainer.config import load_train_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engine import describe_peer_failure
-    from .loop import TrainingDiverged, train  # heavy imports only once the config is valid
+    from trainer.engines import describe_peer_failure
+    from trainer.loop import TrainingDiverged, train  # heavy imports only once the config is valid
 
     cfg = load_train_config(args.config, args.overrides)
     try:

@@ -46,9 +46,9 @@ def _condition(cfg, args, n: int, device) -> torch.Tensor | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_network
-    from .evaluation import decode_grids, euler_with_cfg, write_meshes
-    from .steps import load_frozen_vae
+    from trainer.checkpoint import load_network
+    from trainer.evaluation import decode_grids, euler_with_cfg, write_meshes
+    from trainer.tasks import load_frozen_vae
 
     if args.num < 1:
         raise ValueError("--num must be >= 1")

@@ -1,4 +1,4 @@
-"""``shapeflow inspect DIR``: what is in a shard directory, and does it read back.
+"""What is in a shard directory, and does it read back (the library behind ``shapeflow inspect``).
 
 Prints per-shard sample counts (checked against the manifest), every stored key
 with its dtypes, row counts and value ranges (coordinates dequantised to the
@@ -9,7 +9,6 @@ queries inside the shape) coloured by SDF. Exit code
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import json
@@ -18,19 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.loader import Plan
-from data_pipeline.shard_reader import shard_samples
+from data_pipeline.loading.loader import Plan
+from data_pipeline.loading.shard_reader import shard_samples
 from data_pipeline.schema import ARRAY_KEYS, dequantize_coords
-from data_pipeline.shard_order import resolve_source
+from data_pipeline.loading.shard_order import resolve_source
 
 COORD_KEYS = {k for k, (dtype, _) in ARRAY_KEYS.items() if dtype == "uint16"}
 PREVIEW_POINTS = 4000   # query points drawn per preview panel
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="shard directory with manifest.json (or a manifest, a shard, a brace URL)")
-    parser.add_argument("--out", default="shapeflow_inspect.png", help="preview PNG path (default: %(default)s)")
-    parser.add_argument("--num-preview", type=int, default=4, help="samples shown in the preview (default: 4)")
 
 
 @dataclass
@@ -167,17 +160,3 @@ def report(summary: Summary) -> tuple[list[str], list[str]]:
         lines.append(f"{key:<22} {st.present:>4}/{summary.samples:<4} {','.join(sorted(st.dtypes)) or '-':<18} "
                      f"{rows:>15}  {values}")
     return lines, problems
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = scan(args.source, args.num_preview)
-    lines, problems = report(summary)
-    if Path(args.source).is_dir():
-        lines += failures_summary(args.source)
-    print("\n".join(lines))
-    write_preview(summary, args.out)
-    print(f"preview: {Path(args.out).resolve()}")
-    if problems:
-        print(f"shapeflow inspect: {len(problems)} problem shard(s): {problems[0]}")
-        return 1
-    return 0

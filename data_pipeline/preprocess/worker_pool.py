@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable, Iterable
 
-from data_pipeline.mesh_io import MeshError
-from data_pipeline.preprocess import MeshTask, process_mesh
-from data_pipeline.preprocess_config import PreprocessConfig
-from data_pipeline.watertight import WatertightError
+from data_pipeline.preprocess.mesh_io import MeshError
+from data_pipeline.preprocess.pipeline import MeshTask, process_mesh
+from data_pipeline.preprocess.config import PreprocessConfig
+from data_pipeline.preprocess.watertight import WatertightError
 
 
 @dataclass

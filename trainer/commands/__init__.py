@@ -15,13 +15,13 @@ from data_pipeline.typed_config import ConfigError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("data_pipeline.preprocess_cli", "meshes -> watertight SDF samples -> WebDataset shards"),
-    "inspect": ("data_pipeline.inspect_cli", "summarise a shard directory and write a preview PNG"),
-    "train": ("trainer.train_cli", "train a VAE or a DiT from a YAML config"),
-    "sample": ("trainer.sample_cli", "sample meshes from a DiT checkpoint"),
-    "eval": ("trainer.eval_cli", "VAE reconstruction metrics on a shard set"),
-    "export": ("trainer.export_cli", "consolidate a (sharded) checkpoint into one safetensors file"),
-    "demo": ("trainer.demo", "run the whole pipeline on the bundled meshes"),
+    "preprocess": ("trainer.commands.preprocess", "meshes -> watertight SDF samples -> WebDataset shards"),
+    "inspect": ("trainer.commands.inspect", "summarise a shard directory and write a preview PNG"),
+    "train": ("trainer.commands.train", "train a VAE or a DiT from a YAML config"),
+    "sample": ("trainer.commands.sample", "sample meshes from a DiT checkpoint"),
+    "eval": ("trainer.commands.eval", "VAE reconstruction metrics on a shard set"),
+    "export": ("trainer.commands.export", "consolidate a (sharded) checkpoint into one safetensors file"),
+    "demo": ("trainer.commands.demo", "run the whole pipeline on the bundled meshes"),
 }
 
 

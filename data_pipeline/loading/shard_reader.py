@@ -9,15 +9,21 @@ is dropped, and a ``corrupt_shard`` event names the shard.
 from __future__ import annotations
 
 import tarfile
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 from webdataset.cache import FileCache, StreamingOpen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from data_pipeline.shard_order import is_local
+from data_pipeline.loading.shard_order import is_local
 
-if TYPE_CHECKING:  # the loader's Plan; only its keys, cache_dir and cache_size are read here
-    from data_pipeline.loader import Plan
+
+
+class ReadOptions(Protocol):
+    """What reading a shard needs (the loader's ``Plan`` provides it)."""
+    keys: tuple[str, ...]        # tar members the task uses; local shards skip the others unread
+    cache_dir: str | None        # remote shards are cached here when set
+    cache_size: int
+
 # ---------------------------------------------------------------------------
 
 class CheckedStream:
@@ -52,7 +58,7 @@ class CheckedStream:
         self.stream.close()
 
 
-def _opener(plan: Plan, record):
+def _opener(plan: ReadOptions, record):
     if plan.cache_dir:
         # FileCache retries failures with sleeps while its handler returns True: record and stop instead
         return FileCache(plan.cache_dir, cache_size=plan.cache_size, handler=lambda exn: record(exn) and False)
@@ -88,7 +94,7 @@ def local_tar_files(path: str, errors: list, wanted: set[str]) -> Iterator[dict]
         errors.append(exn)
 
 
-def streamed_tar_files(url: str, plan: Plan, errors: list) -> Iterator[dict]:
+def streamed_tar_files(url: str, plan: ReadOptions, errors: list) -> Iterator[dict]:
     """Members of any shard webdataset can open (pipe:, http, object stores; cached if asked)."""
     streams: list[CheckedStream] = []
 
@@ -109,7 +115,7 @@ def streamed_tar_files(url: str, plan: Plan, errors: list) -> Iterator[dict]:
                 errors.append(exn)
 
 
-def shard_samples(url: str, plan: Plan, events: list) -> Iterator[dict]:
+def shard_samples(url: str, plan: ReadOptions, events: list) -> Iterator[dict]:
     """Raw samples (dict of bytes) of one shard, in tar order.
 
     On any read error, and when the tar lacks its end-of-archive marker, the
@@ -131,6 +137,6 @@ def shard_samples(url: str, plan: Plan, events: list) -> Iterator[dict]:
         yield held
 
 
-def count_samples(url: str, plan: Plan) -> int:
+def count_samples(url: str, plan: ReadOptions) -> int:
     """Samples in a shard, by reading it (used when no manifest gives the count)."""
     return sum(1 for _ in shard_samples(url, plan, []))

@@ -1,5 +1,5 @@
 """Point sets of one sample: surface and sharp-edge points with normals, farthest-point orders,
-volume and near-surface queries (coordinates only; labelling is data_pipeline.sdf)."""
+volume and near-surface queries (coordinates only; labelling is data_pipeline.preprocess.sdf)."""
 from __future__ import annotations
 
 import fpsample

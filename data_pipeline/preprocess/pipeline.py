@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import schema
-from data_pipeline.mesh_io import load_mesh, normalise
-from data_pipeline.preprocess_config import PreprocessConfig
-from data_pipeline.sampling import (fps_first, fps_order, near_queries, sample_sharp, sample_surface,
+from data_pipeline.preprocess.mesh_io import load_mesh, normalise
+from data_pipeline.preprocess.config import PreprocessConfig
+from data_pipeline.preprocess.sampling import (fps_first, fps_order, near_queries, sample_sharp, sample_surface,
                                     volume_queries)
-from data_pipeline.sdf import SdfLabeller
-from data_pipeline.watertight import make_watertight
+from data_pipeline.preprocess.sdf import SdfLabeller
+from data_pipeline.preprocess.watertight import make_watertight
 
 PIPELINE_VERSION = "preprocess-2"  # 2: points stored FPS order first
 WATERTIGHT_METHOD = "winding-number sign + narrow-band distance + marching cubes"

@@ -30,9 +30,9 @@ def export(checkpoint: Path, out: Path, use_ema: bool) -> dict[str, torch.Tensor
 
     from data_pipeline.typed_config import load_config
 
-    from .checkpoint import META, network_state, read_meta
-    from .config import TrainConfig
-    from .engine import checkpoint_has_ema
+    from trainer.checkpoint import META, network_state, read_meta
+    from trainer.config import TrainConfig
+    from trainer.engines import checkpoint_has_ema
 
     meta = read_meta(checkpoint)
     if meta is None:

@@ -1,12 +1,12 @@
-"""The one seam between the training loop and torch.distributed (and, later, DeepSpeed / FSDP2).
+"""The engine interface, launch detection and process-group set-up shared by every strategy.
 
 The loop only calls :class:`Engine` methods: ``prepare``, ``autocast``, ``backward``, ``step``,
 ``zero_grad``, ``save_state``/``load_state``, ``all_reduce_mean``, ``gather_objects``, ``barrier``.
-Which strategy runs behind them is a config choice (``engine.strategy``): ``ddp`` here (which is
-also the single process), ``deepspeed`` (ZeRO-1/2/3, optional optimizer offload) in
-trainer/engine_deepspeed.py and ``fsdp2`` (``fully_shard`` per block) in trainer/engine_fsdp.py. Only
-these three modules import torch.distributed's wrappers, DeepSpeed or FSDP; the loop, the objectives
-and the models are the same for every strategy.
+Which strategy runs behind them is a config choice (``engine.strategy``): ``ddp`` in
+trainer/engines/ddp.py (which is also the single process), ``deepspeed`` (ZeRO-1/2/3, optional
+optimizer offload) in trainer/engines/deepspeed.py and ``fsdp2`` (``fully_shard`` per block) in
+trainer/engines/fsdp.py. Only these modules import torch.distributed's wrappers, DeepSpeed or FSDP;
+the loop, the objectives and the models are the same for every strategy.
 
 Launchers are detected from the environment: a plain ``python``/``shapeflow`` process, ``torchrun``
 (TORCHELASTIC_RUN_ID) and ``accelerate launch`` (ACCELERATE_* variables) all pass RANK / WORLD_SIZE /
@@ -22,6 +22,7 @@ train` prints before exiting with code 4.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import datetime
@@ -33,10 +34,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from .config import CONFIG_DIR, EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, validate_engine
-from .ema import EMA
+from trainer.config import CONFIG_DIR, EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, validate_engine
+from trainer.ema import EMA
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -154,10 +154,11 @@ def _init_process_group(launch: Launch, device: torch.device, cfg: EngineConfig)
                                     "the launcher started processes that do not see each other")
 
 
-class Engine:
-    """DDP over torch.distributed, or a plain module when there is one process."""
+class Engine(abc.ABC):
+    """What the loop needs from a strategy: identity, prepare, one optimiser step, checkpoint state and
+    collectives. Subclasses wrap the model (:mod:`trainer.engines.ddp`, ``.deepspeed``, ``.fsdp``)."""
 
-    strategy = "ddp"
+    strategy = "base"
     needs_group = False   # sharded strategies need a process group even for one process
 
     def __init__(self, cfg: EngineConfig, precision: str = "fp32", optim: OptimConfig | None = None):
@@ -190,23 +191,28 @@ class Engine:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    # -- setup ----------------------------------------------------------
+    # -- setup (per strategy) -------------------------------------------
+    @abc.abstractmethod
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory,
                 make_scheduler: SchedulerFactory) -> nn.Module:
         """Move, wrap and build the optimiser; returns the module to call for the forward pass."""
-        model = model.to(self.device)
-        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-        self.scheduler = make_scheduler(self.optimizer)
-        if self.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
-        self.model = model
-        return model
 
     @property
+    @abc.abstractmethod
     def module(self) -> nn.Module:
         """The unwrapped model (for EMA, evaluation and state dicts)."""
-        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    @abc.abstractmethod
+    def accumulate(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step's forward + backward: gradients are reduced only when ``sync``."""
+
+    @abc.abstractmethod
+    def save_state(self, directory: Path, ema: EMA | None) -> list[str]:
+        """Write model, optimiser, scheduler (and EMA) into ``directory``; returns the file names."""
+
+    @abc.abstractmethod
+    def load_state(self, directory: Path, ema: EMA | None) -> None:
+        """Read what :meth:`save_state` wrote (on the same or, where supported, another world size)."""
 
     def named_local_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters as this rank holds them (full tensors under DDP, shards under sharded strategies)."""
@@ -242,12 +248,6 @@ class Engine:
         """bf16 autocast around forward + loss; parameters and optimiser state stay fp32."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    def accumulate(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Context for one micro-step's forward + backward: gradients are all-reduced only when ``sync``."""
-        if sync or not isinstance(self.model, DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
-
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -274,30 +274,6 @@ class Engine:
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
-
-    # -- checkpoint state -------------------------------------------------
-    def save_state(self, directory: Path, ema: EMA | None) -> list[str]:
-        """Write model, optimiser, scheduler (and EMA) into ``directory``; returns the file names.
-
-        DDP replicas are identical, so rank 0 writes full state dicts; sharded strategies write
-        their native per-rank format here instead.
-        """
-        files = ["model.pt", "optimizer.pt", "scheduler.pt"] + (["ema.pt"] if ema else [])
-        if self.is_main:
-            torch.save(self.module.state_dict(), directory / "model.pt")
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
-            if ema:
-                torch.save(ema.state_dict(), directory / "ema.pt")
-        return files
-
-    def load_state(self, directory: Path, ema: EMA | None) -> None:
-        load = lambda name: torch.load(directory / name, map_location=self.device, weights_only=True)  # noqa: E731
-        self.module.load_state_dict(load("model.pt"))
-        self.optimizer.load_state_dict(load("optimizer.pt"))
-        self.scheduler.load_state_dict(load("scheduler.pt"))
-        if ema:
-            ema.load_state_dict(load("ema.pt"))
 
     # -- collectives -------------------------------------------------------
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
@@ -337,45 +313,3 @@ class Engine:
     def close(self) -> None:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def read_full_state(directory: Path, strategy: str, use_ema: bool) -> dict[str, torch.Tensor]:
-    """The whole model's tensors from a checkpoint written by ``strategy`` (EMA over the trained
-    weights when asked and saved), consolidated in this one process on the CPU."""
-    if strategy == "deepspeed":
-        from .engine_deepspeed import read_full_state as read
-    elif strategy == "fsdp2":
-        from .engine_fsdp import read_full_state as read
-    else:
-        read = _read_full_torch_state
-    return read(Path(directory), use_ema)
-
-
-def checkpoint_has_ema(directory: Path, meta: dict[str, Any]) -> bool:
-    if meta.get("strategy") == "fsdp2":
-        from .engine_fsdp import dcp_has_ema
-        return dcp_has_ema(Path(directory))
-    return any(f == "ema.pt" or f.startswith("ema_rank_") for f in meta.get("files", []))
-
-
-def _read_full_torch_state(directory: Path, use_ema: bool) -> dict[str, torch.Tensor]:
-    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-    if use_ema and (directory / "ema.pt").exists():
-        state.update(torch.load(directory / "ema.pt", map_location="cpu", weights_only=True))
-    return state
-
-
-def create_engine(cfg: EngineConfig, precision: str, optim: OptimConfig | None = None) -> Engine:
-    """The engine for ``cfg.strategy`` (or for the strategy an accelerate config asks for)."""
-    cfg = resolve_engine_config(cfg)
-    if cfg.strategy not in SUPPORTED_STRATEGIES:
-        from data_pipeline.typed_config import ConfigError
-        raise ConfigError(f"engine.strategy: {cfg.strategy!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_STRATEGIES)})")
-    if cfg.strategy == "deepspeed":
-        from .engine_deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(cfg, precision, optim)
-    if cfg.strategy == "fsdp2":
-        from .engine_fsdp import FSDP2Engine
-        return FSDP2Engine(cfg, precision, optim)
-    return Engine(cfg, precision, optim)

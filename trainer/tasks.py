@@ -26,8 +26,8 @@ from torch import Tensor, nn
 import models
 from data_pipeline.typed_config import ConfigError
 
-from . import objectives as obj
-from .config import TrainConfig
+from trainer import objectives as obj
+from trainer.config import TrainConfig
 
 
 class BatchRandom:
@@ -204,7 +204,7 @@ class DitObjective(nn.Module):
 
 def load_frozen_vae(checkpoint_dir: str | Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, TrainConfig]:
     """The VAE of a `task=vae` checkpoint, frozen and in eval mode, with its training config."""
-    from .checkpoint import load_network  # local import: checkpoint imports the engine
+    from trainer.checkpoint import load_network  # local import: checkpoint imports the engine
 
     net, cfg, _ = load_network(Path(checkpoint_dir), use_ema=use_ema)
     if cfg.task != "vae":

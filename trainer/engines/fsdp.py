@@ -11,10 +11,11 @@ between blocks; the root does not cast its inputs, so data (coordinates, SDF tar
 Checkpoints use torch.distributed.checkpoint (DCP) in ``<checkpoint>/dcp/``: one file per rank plus
 ``.metadata``, holding the model, the optimiser state and the EMA as DTensors. DCP reshards on load,
 so a checkpoint written by N ranks resumes on M ranks (including one process, which runs FSDP2 over
-a one-rank group) and converts to a full state dict without any process group (trainer/export_cli.py).
+a one-rank group) and converts to a full state dict without any process group (trainer/commands/export.py).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -29,8 +30,8 @@ from torch.distributed.tensor import DTensor
 
 from models.layers import CheckpointedBlocks
 
-from .ema import EMA
-from .engine import Engine, OptimizerFactory, SchedulerFactory
+from trainer.ema import EMA
+from trainer.engines.base import Engine, OptimizerFactory, SchedulerFactory
 
 DCP_DIR = "dcp"
 
@@ -115,7 +116,7 @@ class FSDP2Engine(Engine):
     def accumulate(self, sync: bool):
         # Gradients of non-final micro-steps stay unsharded and local; the last one reduce-scatters all.
         self.model.set_requires_gradient_sync(sync)
-        return super().accumulate(True)
+        return contextlib.nullcontext()
 
     # -- state ------------------------------------------------------------------
     def _dcp_state(self, ema: EMA | None) -> dict:

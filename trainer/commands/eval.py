@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _loader(args, cfg, voxel: bool):
-    from data_pipeline.loader import make_loader
+    from data_pipeline.loading.loader import make_loader
 
     options = dict(cfg.data.options)
     options.update(num_surface=max(args.surface_points, options.get("num_surface", 0)))
@@ -43,10 +43,10 @@ def _loader(args, cfg, voxel: bool):
 
 @torch.no_grad()
 def _evaluate_batch(net, batch, cfg, args, voxel: bool) -> list[dict]:
-    from . import meshing
-    from . import objectives as obj
-    from .evaluation import decode_grids
-    from .steps import as_sdf, vae_num_surface
+    from trainer import meshing
+    from trainer import objectives as obj
+    from trainer.evaluation import decode_grids
+    from trainer.tasks import as_sdf, vae_num_surface
 
     kind = cfg.vae_loss.kind
     if voxel:
@@ -74,7 +74,7 @@ def _evaluate_batch(net, batch, cfg, args, voxel: bool) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     import models
 
-    from .checkpoint import load_network
+    from trainer.checkpoint import load_network
 
     net, cfg, _ = load_network(Path(args.checkpoint), use_ema=not args.no_ema)
     if cfg.task != "vae":

@@ -24,6 +24,7 @@ weights and optimiser state from it; the EMA partitions are merged and re-split 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import CONFIG_DIR
-from .ema import EMA
-from .engine import Engine, OptimizerFactory, SchedulerFactory
+from trainer.config import CONFIG_DIR
+from trainer.ema import EMA
+from trainer.engines.base import Engine, OptimizerFactory, SchedulerFactory
 
 DS_TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"   # <checkpoint>/universal/: DeepSpeed's universal format, made on demand
@@ -164,7 +165,7 @@ class DeepSpeedEngine(Engine):
     # -- one optimiser step -------------------------------------------------------
     def accumulate(self, sync: bool):
         self.model.set_gradient_accumulation_boundary(sync)
-        return super().accumulate(True)
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss, scale_wrt_gas=False)   # the loop already divided by grad_accum

@@ -24,7 +24,7 @@ from pathlib import Path
 import webdataset as wds
 
 from data_pipeline import schema
-from data_pipeline.preprocess import encode_npy
+from data_pipeline.preprocess.pipeline import encode_npy
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"

@@ -3,11 +3,11 @@
 Use :func:`make_loader`; the batch layout and every option are documented in
 docs/loader.md. How it works, in the order data flows:
 
-1. :mod:`data_pipeline.shard_order` turns the source into a shard list and each
+1. :mod:`data_pipeline.loading.shard_order` turns the source into a shard list and each
    *stream* (one per rank x dataloader worker) into its work: whole shards (or
    interleaved parts of shards) permuted by (seed, epoch) in training mode, a
    contiguous balanced range of samples in evaluation mode.
-2. Each shard is read into raw samples (:mod:`data_pipeline.shard_reader`): local ``.tar`` files with seeks (members
+2. Each shard is read into raw samples (:mod:`data_pipeline.loading.shard_reader`): local ``.tar`` files with seeks (members
    the task does not use are skipped), everything else (``pipe:``, http, object
    stores; optional file cache) through webdataset's openers and tar iterator;
    webdataset groups the members by key. A read error or a missing end-of-archive
@@ -19,7 +19,7 @@ docs/loader.md. How it works, in the order data flows:
    samples; the stream loops over epochs forever. Evaluation mode: no shuffle;
    every stream yields exactly the same number of batches, the last ones padded
    with repeated samples marked ``valid == False``, so all ranks finish together.
-4. Surviving samples are decoded by :mod:`data_pipeline.batches` (per-sample
+4. Surviving samples are decoded by :mod:`data_pipeline.loading.batches` (per-sample
    randomness seeded by (seed, epoch, sample id)) and collated.
 
 Cursor: each stream's position is (epoch, raw samples consumed in that epoch,
@@ -47,11 +47,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batches import (
+from data_pipeline.loading.batches import (
     BadSample, collate, draw_token_count, optional_keys, parse_task_options, required_keys, sample_arrays,
 )
-from data_pipeline.shard_reader import count_samples, shard_samples
-from data_pipeline.shard_order import (
+from data_pipeline.loading.shard_reader import count_samples, shard_samples
+from data_pipeline.loading.shard_order import (
     TAG_BATCH, TAG_SAMPLE, TAG_SHUFFLE, Shard, eval_batches_per_stream, eval_segments, fingerprint,
     is_local, parts_per_shard, resolve_source, seeded_rng, training_units,
 )

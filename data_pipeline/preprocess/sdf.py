@@ -14,7 +14,7 @@ import igl
 import numpy as np
 import trimesh
 
-from data_pipeline.watertight import GRID_HALF_EXTENT, SignedGrid
+from data_pipeline.preprocess.watertight import GRID_HALF_EXTENT, SignedGrid
 
 FACE_INTERIOR_MARGIN = 1e-6   # barycentric margin under which a closest point counts as on an edge
 

@@ -27,7 +27,7 @@ import numpy as np
 import trimesh
 from skimage.measure import marching_cubes
 
-from data_pipeline.preprocess_config import WatertightConfig
+from data_pipeline.preprocess.config import WatertightConfig
 
 GRID_HALF_EXTENT = 1.0   # the grid spans [-1, 1]^3; normalised meshes lie in [-0.95, 0.95]^3
 SURFACE_SAMPLES_PER_VOXEL = 4  # density of the samples that mark the cells the surface passes through
