@@ -17,9 +17,8 @@ from scipy.optimize import linear_sum_assignment
 from data_pipeline.loading.loader import make_loader
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
-from trainer.evaluation import euler_with_cfg
+from trainer.inference import guided_euler, load_frozen_vae, load_network
 from trainer.loop import train
-from trainer.tasks import load_frozen_vae
 
 from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
 
@@ -64,9 +63,9 @@ def test_dit_debug_preset_overfits_four_latents_and_sampling_reproduces_them(tra
     with torch.no_grad():
         train_latents = vae.encode(batch["surface"], batch["surface_normal"]).mode() * derived["scale_factor"]
 
-    net, cfg, _ = ckpt.load_network(final, use_ema=True)
+    net, cfg, _ = load_network(final, use_ema=True)
     noise = torch.randn(8, *derived["latent_shape"], generator=torch.Generator().manual_seed(123))
-    sampled = euler_with_cfg(net.eval(), noise, None, steps=10, shift=cfg.flow_loss.t_shift, cfg_scale=1.0)
+    sampled = guided_euler(net.eval(), noise, None, steps=10, shift=cfg.flow_loss.t_shift, guidance=1.0)
 
     to_sample = nearest(sampled, train_latents)
     from_noise = nearest(noise, train_latents)

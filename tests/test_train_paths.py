@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 import models
 from trainer import checkpoint as ckpt
 from trainer import commands as cli
+from trainer import inference
 from trainer import tasks as train_steps
 from trainer.config import EngineConfig, load_train_config
 from trainer.engines import create_engine
@@ -37,7 +38,7 @@ def test_bf16_autocast_trains_with_fp32_weights_and_close_losses(train_shards, t
     assert all(math.isfinite(v) for v in bf16.values())
     assert bf16[0] != fp32[0]                                # autocast really ran in bf16 ...
     assert bf16[0] == pytest.approx(fp32[0], rel=0.05)       # ... and computes the same loss to bf16 precision
-    net, _, _ = ckpt.load_network(tmp_path / "bf16" / "checkpoints" / "step_00000002", use_ema=False)
+    net, _, _ = inference.load_network(tmp_path / "bf16" / "checkpoints" / "step_00000002", use_ema=False)
     assert {p.dtype for p in net.parameters()} == {torch.float32}     # master weights stay fp32
 
 
@@ -80,7 +81,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(train_shards, tmp_pat
                            "ema.enabled=false"))
     assert summary["step"] == 4 and summary["skipped_steps"] == 1
     assert math.isnan(summary["losses"][2]) and all(math.isfinite(summary["losses"][s]) for s in (0, 1, 3))
-    weights = lambda step: ckpt.load_network(run_dir / "checkpoints" / f"step_{step:08d}",  # noqa: E731
+    weights = lambda step: inference.load_network(run_dir / "checkpoints" / f"step_{step:08d}",  # noqa: E731
                                              use_ema=False)[0].state_dict()
     before, after, later = weights(2), weights(3), weights(4)
     assert all(torch.equal(before[k], after[k]) for k in before)          # the poisoned step changed nothing
@@ -152,7 +153,7 @@ def test_class_conditioned_dit_drops_the_class_for_cfg_and_samples_with_guidance
     train(config("vecset_dit_debug", train_shards, run_dir, f"vae.checkpoint={vae_ckpt}",
                  f"data.options={{condition: class, class_key: source, class_names: {names}}}",
                  "data.batch_size=4", "condition.kind=class", "condition.num_classes=4", "condition.p_uncond=0.5",
-                 "eval.cfg_scale=3.0", "run.max_steps=4", "run.eval_every=4"))
+                 "eval.guidance=3.0", "run.max_steps=4", "run.eval_every=4"))
     assert len(seen) == 4
     ids = torch.cat([c for c, _, _ in seen])
     drops = torch.cat([d for _, d, _ in seen])
@@ -168,4 +169,4 @@ def test_class_conditioned_dit_drops_the_class_for_cfg_and_samples_with_guidance
     args = ["sample", str(run_dir / "checkpoints" / "step_00000004"), "--out", str(out), "--num", "1",
             "--steps", "2", "--resolution", "16", "--format", "obj"]
     assert cli.main(args) == 2                                  # a class-conditioned DiT needs --class-id
-    assert cli.main([*args, "--class-id", "1", "--cfg", "2.0"]) == 0
+    assert cli.main([*args, "--class-id", "1", "--guidance", "2.0"]) == 0

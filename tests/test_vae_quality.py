@@ -16,11 +16,10 @@ import torch
 import models
 from data_pipeline.loading.loader import make_loader
 from models.layers import POSTERIOR_INIT_LOGVAR, DiagonalGaussian
-from trainer import checkpoint as ckpt
 from trainer import objectives as obj
 from trainer.config import load_train_config
 from trainer.loop import train
-from trainer.tasks import as_sdf
+from trainer.inference import as_sdf, load_network
 
 from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
 
@@ -102,7 +101,7 @@ def test_vecset_vae_debug_preset_reconstructs_training_shapes_from_the_posterior
     first, last = np.mean(losses[:10]), np.mean(losses[-20:])
     assert last < first / 5, f"loss went from {first:.3f} to {last:.3f} only"
 
-    net, cfg, _ = ckpt.load_network(run_dir / "checkpoints" / "step_00000300", use_ema=True)
+    net, cfg, _ = load_network(run_dir / "checkpoints" / "step_00000300", use_ema=True)
     ious = volume_ious(net.eval(), train_shards, cfg.vae_loss.kind, cfg.data.options["num_surface"])
     report = (f"volume IoU per shape, mode {np.round(ious['mode'], 3)}, sample {np.round(ious['sample'], 3)}; "
               f"loss {first:.3f} -> {last:.3f}; {seconds:.0f} s")

@@ -30,7 +30,7 @@ import torch
 from data_pipeline.typed_config import save_config
 
 from trainer.ema import EMA
-from trainer.engines import Engine
+from trainer.engines import Engine, read_full_state
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -195,7 +195,7 @@ def load_checkpoint(engine: Engine, path: Path, *, ema: EMA | None) -> tuple[dic
 
 
 # ---------------------------------------------------------------------------
-# Networks for sampling, evaluation and the frozen VAE of a DiT run
+# The network's weights (loading networks for inference: trainer/inference.py)
 # ---------------------------------------------------------------------------
 
 NET_PREFIX = "net."  # the engine trains a task objective that holds the network as ``net``
@@ -204,50 +204,10 @@ NET_PREFIX = "net."  # the engine trains a task objective that holds the network
 def network_state(path: Path, use_ema: bool, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The network's weights from a checkpoint of any strategy (EMA parameters over the raw ones when
     asked), consolidated into full tensors by the engine that wrote it."""
-    from trainer.engines import read_full_state
-
     meta = meta or read_meta(path) or {}
-    state = read_full_state(path, meta.get("strategy", "ddp"), use_ema)
-    return {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
+    return network_weights(read_full_state(path, meta.get("strategy", "ddp"), use_ema))
 
 
-def read_exported(path: Path) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
-    """(network weights, training config, checkpoint meta) of a `shapeflow export` safetensors file."""
-    import yaml
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from data_pipeline.typed_config import ConfigError, from_dict
-
-    from trainer.config import TrainConfig
-
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    if "shapeflow_config" not in header:
-        raise ConfigError(f"{path}: not a `shapeflow export` file (no shapeflow_config in its metadata)")
-    cfg = from_dict(TrainConfig, yaml.safe_load(header["shapeflow_config"]))
-    return load_file(str(path)), cfg, json.loads(header["shapeflow_meta"])
-
-
-def load_network(path: Path, use_ema: bool = True):
-    """(network in eval mode, its training config, the checkpoint's meta) from a complete checkpoint
-    directory (any strategy) or a `shapeflow export` safetensors file (whose weights were chosen at export)."""
-    import models
-    from data_pipeline.typed_config import load_config
-
-    from trainer.config import TrainConfig
-
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        state, cfg, meta = read_exported(path)
-    else:
-        meta = read_meta(path)
-        if meta is None:
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no valid {META}) "
-                                    "nor a .safetensors file from `shapeflow export`")
-        cfg = load_config(TrainConfig, path / "config.yaml")
-        state = network_state(path, use_ema, meta)
-    overrides = (meta.get("derived") or {}).get("model_overrides") or cfg.model.overrides
-    net = models.build(cfg.model.name, **overrides)
-    net.load_state_dict(state)
-    return net.eval(), cfg, meta
+def network_weights(objective_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's entries of a task objective's state dict, without the ``net.`` prefix."""
+    return {k[len(NET_PREFIX):]: v for k, v in objective_state.items() if k.startswith(NET_PREFIX)}

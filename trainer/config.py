@@ -112,7 +112,7 @@ class FlowLossConfig:
 @dataclass
 class EvalConfig:
     sample_steps: int = 30
-    cfg_scale: float = 1.0
+    guidance: float = 1.0               # classifier-free guidance scale of the eval sampler (1: off)
     num_samples: int = 2
     grid_resolution: int = 48
     query_chunk: int = 32768

@@ -29,7 +29,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import OptimConfig, TrainConfig
 from trainer.engines import Engine, create_engine
 from trainer.evaluation import Evaluator
-from trainer.tasks import BatchRandom, make_task, to_device
+from trainer.tasks import BatchRandom, Task, make_task, to_device
 from trainer.tracking import Tracker
 
 
@@ -116,7 +116,7 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def build_loader(cfg: TrainConfig, task, engine: Engine, seed_offset: int = 0):
+def build_loader(cfg: TrainConfig, task: Task, engine: Engine, seed_offset: int = 0):
     return data_loader.make_loader(
         cfg.data.path, task=task.loader_task(), batch_size=cfg.data.batch_size, mode="train",
         seed=cfg.run.seed + seed_offset, rank=engine.rank, world_size=engine.world_size,
@@ -127,7 +127,7 @@ def build_loader(cfg: TrainConfig, task, engine: Engine, seed_offset: int = 0):
 class Trainer:
     cfg: TrainConfig
     engine: Engine
-    task: Any
+    task: Task
     model: torch.nn.Module
     ema: Any
     loader: Any

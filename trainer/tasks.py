@@ -9,6 +9,9 @@ The generic loop (trainer/loop.py) never looks inside a batch. A task gives it:
 * ``derived()`` / ``restore(derived)``: values measured at the start of a run (e.g. the latent scale
   factor) that a checkpoint stores so a resumed run uses the same ones.
 
+:class:`Task` states that interface; :class:`VaeTask` and :class:`DitTask` implement it. Encoding,
+conditions and the frozen VAE come from trainer/inference.py, shared with sampling and evaluation.
+
 Randomness (posterior noise, t, eps, condition dropout) comes from :class:`BatchRandom`, which draws
 for the *global* batch from a generator seeded by (seed, step, micro-step) and hands each rank its
 rows: results do not depend on the number of ranks, and a resumed run draws the same numbers.
@@ -16,8 +19,7 @@ rows: results do not depend on the number of ranks, and a resumed run draws the 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from data_pipeline.typed_config import ConfigError
 
 from trainer import objectives as obj
 from trainer.config import TrainConfig
+from trainer.inference import as_sdf, batch_condition, encode, load_frozen_vae, vae_num_surface
 
 
 class BatchRandom:
@@ -52,24 +55,44 @@ class BatchRandom:
         return obj.condition_dropout_mask(self.total, p, generator=self.gen)[self.rows].to(self.device)
 
 
+class Task(Protocol):
+    """What the loop, the evaluator and the engines need from a training task."""
+
+    cfg: TrainConfig
+    net: nn.Module | None          # the trained network (None for a DiT until prepare() built it)
+    objective: nn.Module | None    # holds ``net`` as ``.net``; its forward computes the loss
+
+    def loader_task(self) -> str: ...
+
+    def loader_options(self) -> dict[str, Any]: ...
+
+    def prepare(self, make_loader: Callable[..., Any], engine: Any) -> None: ...
+
+    def derived(self) -> dict[str, Any]: ...
+
+    def restore(self, derived: dict[str, Any]) -> None: ...
+
+    def compute(self, model: nn.Module, batch: dict[str, Any], rand: BatchRandom,
+                step: int) -> tuple[Tensor, dict[str, float]]: ...
+
+
 def family(name: str) -> str:
     return name.partition("/")[0]
 
 
-def build_network(name: str, overrides: dict[str, Any], key: str = "model") -> nn.Module:
+def build_network(name: str, overrides: dict[str, Any], checkpoint_every: int = 0) -> nn.Module:
+    """The model section's network, with activation checkpointing on every ``checkpoint_every``-th block."""
     try:
-        return models.build(name, **overrides)
+        net = models.build(name, **overrides)
     except ValueError as err:
-        raise ConfigError(f"{key}.name/{key}.overrides: {err}") from None
+        raise ConfigError(f"model.name/model.overrides: {err}") from None
+    if checkpoint_every:
+        net.set_activation_checkpointing(checkpoint_every)
+    return net
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def as_sdf(pred: Tensor, kind: str) -> Tensor:
-    """A network output as an SDF-like field (negative inside): occupancy logits are positive inside."""
-    return pred if kind == "sdf" else -pred
 
 
 # ---------------------------------------------------------------------------
@@ -86,32 +109,24 @@ def vecset_token_counts(cfg: models.VecSetVAEConfig, batch: dict[str, Any]) -> t
     return uniform, sharp
 
 
-def vae_num_surface(cfg: TrainConfig, net: nn.Module) -> int:
-    """Surface points per sample a VecSet VAE run feeds its encoder (data.options or the default)."""
-    return int(cfg.data.options.get("num_surface", max(4 * net.config.num_latents, 512)))
-
-
 class VaeObjective(nn.Module):
     """Reconstruction + KL for the VecSet or voxel VAE; ``forward`` returns loss terms and metrics."""
 
     def __init__(self, net: nn.Module, cfg: TrainConfig):
         super().__init__()
         self.net = net
-        self.loss_cfg = cfg.vae_loss
+        self.cfg, self.loss_cfg = cfg, cfg.vae_loss
         self.voxel = isinstance(net, models.VoxelVAE)
 
     def forward(self, batch: dict[str, Any], noise: Tensor, kl_weight: float,
-                counts: tuple[int, int] = (0, 0)) -> dict[str, Tensor]:
+                counts: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        posterior = encode(self.net, self.cfg, batch, counts)
         if self.voxel:
-            posterior = self.net.encode(batch["occ"])
             pred = self.net.decode(posterior.mean + posterior.std * noise).squeeze(1)   # [B, R, R, R] logits
             inside = batch["occ"].squeeze(1) > 0.5
             terms = obj.occupancy_bce_loss(pred.flatten(1), inside.flatten(1))
             sdf_pred, sdf_true = -pred.flatten(1), torch.where(inside, -1.0, 1.0).flatten(1)
         else:
-            posterior = self.net.encode(batch["surface"], batch["surface_normal"], batch.get("sharp"),
-                                        batch.get("sharp_normal"), num_latents=counts[0],
-                                        num_sharp_latents=counts[1])
             hidden = self.net.decode(posterior.mean + posterior.std * noise)
             pred = self.net.query(hidden, batch["query"])                              # [B, Q]
             terms = self._recon(pred, batch["sdf"])
@@ -145,9 +160,7 @@ class VaeTask:
         if family(cfg.model.name) not in ("vecset_vae", "voxel_vae"):
             raise ConfigError(f"model.name: task=vae needs a vecset_vae/* or voxel_vae/* model, got {cfg.model.name}")
         self.cfg = cfg
-        self.net = build_network(cfg.model.name, cfg.model.overrides)
-        if cfg.model.activation_checkpointing:
-            self.net.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        self.net = build_network(cfg.model.name, cfg.model.overrides, cfg.model.activation_checkpointing)
         self.objective = VaeObjective(self.net, cfg)
         self.voxel = self.objective.voxel
         if self.voxel and cfg.vae_loss.kind != "occupancy":
@@ -174,7 +187,7 @@ class VaeTask:
         c = self.net.config.latent_channels
         if self.voxel:
             side = batch["occ"].shape[-1] // self.net.config.downsample_factor
-            noise, counts = rand.normal(c, side, side, side), (0, 0)
+            noise, counts = rand.normal(c, side, side, side), None
         else:
             counts = vecset_token_counts(self.net.config, batch)
             noise = rand.normal(sum(counts), c)
@@ -200,17 +213,6 @@ class DitObjective(nn.Module):
             cond = self.net.drop_condition(cond, drop)
         pred = self.net(obj.interpolate(x0, eps, t), t, cond)
         return obj.flow_loss_per_sample(pred, obj.velocity_target(x0, eps))
-
-
-def load_frozen_vae(checkpoint_dir: str | Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, TrainConfig]:
-    """The VAE of a `task=vae` checkpoint, frozen and in eval mode, with its training config."""
-    from trainer.checkpoint import load_network  # local import: checkpoint imports the engine
-
-    net, cfg, _ = load_network(Path(checkpoint_dir), use_ema=use_ema)
-    if cfg.task != "vae":
-        raise ConfigError(f"vae.checkpoint: {checkpoint_dir} is a task={cfg.task} checkpoint, not a VAE")
-    net.requires_grad_(False)
-    return net.eval().to(device), cfg
 
 
 class DitTask:
@@ -253,27 +255,10 @@ class DitTask:
         """Unscaled data latents x0 of a batch: cached, or encoded by the frozen VAE (mode or a sample)."""
         if self.cfg.vae.latents == "cached":
             return batch["latent"].float()
-        if self.voxel:
-            posterior = self.vae.encode(batch["occ"])
-        else:
-            posterior = self.vae.encode(batch["surface"], batch["surface_normal"], batch.get("sharp"),
-                                        batch.get("sharp_normal"))
+        posterior = encode(self.vae, self.vae_cfg, batch)
         if self.cfg.vae.latents == "sample" and rand is not None:
             return posterior.mean + posterior.std * rand.normal(*posterior.mean.shape[1:])
         return posterior.mode()
-
-    def condition(self, batch: dict[str, Any]) -> Tensor | None:
-        kind = self.cfg.condition.kind
-        key = self.cfg.condition.key
-        if kind == "none":
-            return None
-        if kind == "class":
-            return batch[key or "class_id"].long()
-        if kind == "embedding":
-            cond = batch[key or "condition"].float()
-            return cond[:, None] if cond.ndim == 2 else cond
-        raise ConfigError("condition.kind: image conditioning needs rendered views in the shards "
-                          "(schema v1 has none)")
 
     # -- derived values ---------------------------------------------------------
     def prepare(self, make_loader, engine) -> None:
@@ -307,9 +292,7 @@ class DitTask:
         return {**derived, **self.cfg.model.overrides}
 
     def _build(self) -> None:
-        self.net = build_network(self.cfg.model.name, self.model_overrides)
-        if self.cfg.model.activation_checkpointing:
-            self.net.set_activation_checkpointing(self.cfg.model.activation_checkpointing)
+        self.net = build_network(self.cfg.model.name, self.model_overrides, self.cfg.model.activation_checkpointing)
         self.objective = DitObjective(self.net)
 
     def derived(self) -> dict[str, Any]:
@@ -328,7 +311,7 @@ class DitTask:
         eps = rand.normal(*x0.shape[1:])
         t = rand.times(fl.t_mean, fl.t_std, fl.t_shift)
         drop = rand.dropout(self.cfg.condition.p_uncond)
-        per_sample = model(x0, eps, t, self.condition(batch), drop)
+        per_sample = model(x0, eps, t, batch_condition(self.cfg.condition, batch), drop)
         loss = per_sample.mean()
         metrics = {"loss": float(loss.detach())}
         bins = obj.loss_per_t_bin(per_sample, t, fl.t_bins)
@@ -338,7 +321,7 @@ class DitTask:
         return loss, metrics
 
 
-def make_task(cfg: TrainConfig, device: torch.device):
+def make_task(cfg: TrainConfig, device: torch.device) -> Task:
     return VaeTask(cfg) if cfg.task == "vae" else DitTask(cfg, device)
 
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from data_pipeline.typed_config import ConfigError
@@ -41,40 +40,24 @@ def _loader(args, cfg, voxel: bool):
                        world_size=1, **options)
 
 
-@torch.no_grad()
-def _evaluate_batch(net, batch, cfg, args, voxel: bool) -> list[dict]:
-    from trainer import meshing
-    from trainer import objectives as obj
-    from trainer.evaluation import decode_grids
-    from trainer.tasks import as_sdf, vae_num_surface
+def _evaluate_batch(net, batch, cfg, args) -> list[dict]:
+    from trainer import inference, meshing
 
-    kind = cfg.vae_loss.kind
-    if voxel:
-        latents = net.encode(batch["occ"]).mode()
-        grids = decode_grids(net, latents, kind=kind, resolution=0, chunk=args.chunk)
-        iou = obj.volume_iou(torch.from_numpy(np.stack(grids)).flatten(1),
-                             torch.where(batch["occ"][:, 0] > 0.5, -1.0, 1.0).flatten(1))
-    else:
-        n = vae_num_surface(cfg, net)  # the encoder sees as many points as in training (an FPS prefix)
-        latents = net.encode(batch["surface"][:, :n], batch["surface_normal"][:, :n], batch.get("sharp"),
-                             batch.get("sharp_normal")).mode()
-        iou = obj.volume_iou(as_sdf(net.query(net.decode(latents), batch["query"]), kind), batch["sdf"])
-        grids = decode_grids(net, latents, kind=kind, resolution=args.resolution, chunk=args.chunk)
+    rec = inference.reconstruct(net, cfg, batch, resolution=args.resolution, chunk=args.chunk)
     rows = []
-    for i, grid in enumerate(grids):
+    for i, grid in enumerate(rec.grids):
         if not bool(batch["valid"][i]):
             continue
-        mesh = meshing.grid_to_mesh(grid)
-        scores = obj.chamfer_and_fscore(meshing.surface_points(mesh, args.surface_points), batch["surface"][i],
-                                        args.threshold)
-        rows.append({"id": batch["id"][i], "iou": float(iou[i]), **scores})
+        scores = inference.surface_scores(meshing.grid_to_mesh(grid), batch["surface"][i], args.threshold,
+                                          args.surface_points)
+        rows.append({"id": batch["id"][i], "iou": float(rec.iou[i]), **scores})
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
     import models
 
-    from trainer.checkpoint import load_network
+    from trainer.inference import load_network
 
     net, cfg, _ = load_network(Path(args.checkpoint), use_ema=not args.no_ema)
     if cfg.task != "vae":
@@ -82,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     voxel = isinstance(net, models.VoxelVAE)
     rows: list[dict] = []
     for batch in tqdm(_loader(args, cfg, voxel), desc="eval", unit="batch"):
-        rows += _evaluate_batch(net, batch, cfg, args, voxel)
+        rows += _evaluate_batch(net, batch, cfg, args)
         if args.max_samples and len(rows) >= args.max_samples:
             rows = rows[: args.max_samples]
             break

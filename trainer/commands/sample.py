@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for meshes and previews")
     parser.add_argument("--num", type=int, default=4, help="number of shapes (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's eval.sample_steps)")
-    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's eval.cfg_scale)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the run's eval.guidance)")
     parser.add_argument("--class-id", type=int, default=None, help="class id for a class-conditioned DiT")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=None, help="SDF grid size (default: eval.grid_resolution)")
@@ -34,44 +35,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the one the DiT was trained with)")
 
 
-def _condition(cfg, args, n: int, device) -> torch.Tensor | None:
-    kind = cfg.condition.kind
-    if kind == "none":
-        return None
-    if kind == "class":
-        if args.class_id is None:
-            raise ConfigError("--class-id: this DiT is class-conditioned; give a class id")
-        return torch.full((n,), args.class_id, dtype=torch.long, device=device)
-    raise ConfigError(f"condition.kind={kind}: sampling from embeddings/images is not supported by this command yet")
-
-
 def run(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import load_network
-    from trainer.evaluation import decode_grids, euler_with_cfg, write_meshes
-    from trainer.tasks import load_frozen_vae
+    from trainer import inference
 
     if args.num < 1:
         raise ValueError("--num must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, cfg, meta = load_network(Path(args.checkpoint), use_ema=not args.no_ema)
+    net, cfg, meta = inference.load_network(Path(args.checkpoint), use_ema=not args.no_ema)
     if cfg.task != "dit":
         raise ConfigError(f"{args.checkpoint} is a task={cfg.task} checkpoint; `shapeflow sample` needs a DiT")
     derived = meta.get("derived") or {}
     vae_path = args.vae or cfg.vae.checkpoint
     if not vae_path:
         raise ConfigError("--vae: the DiT was trained on cached latents; give the VAE checkpoint to decode them")
-    vae, vae_cfg = load_frozen_vae(vae_path, use_ema=True, device=device)
+    if cfg.condition.kind == "class" and args.class_id is None:
+        raise ConfigError("--class-id: this DiT is class-conditioned; give a class id")
+    vae, vae_cfg = inference.load_frozen_vae(vae_path, use_ema=True, device=device)
     net = net.to(device)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.num, *derived["latent_shape"], generator=gen).to(device)
     with torch.no_grad():
-        latents = euler_with_cfg(net, noise, _condition(cfg, args, args.num, device),
-                                 steps=args.steps or cfg.eval.sample_steps, shift=cfg.flow_loss.t_shift,
-                                 cfg_scale=cfg.eval.cfg_scale if args.cfg is None else args.cfg)
-        grids = decode_grids(vae, latents / derived["scale_factor"], kind=vae_cfg.vae_loss.kind,
-                             resolution=args.resolution or cfg.eval.grid_resolution, chunk=args.chunk)
+        cond = inference.sampling_condition(cfg.condition, args.num, device, class_id=args.class_id)
+        latents = inference.guided_euler(net, noise, cond, steps=args.steps or cfg.eval.sample_steps,
+                                         shift=cfg.flow_loss.t_shift,
+                                         guidance=cfg.eval.guidance if args.guidance is None else args.guidance)
+        grids = inference.decode_grids(vae, latents / derived["scale_factor"], kind=vae_cfg.vae_loss.kind,
+                                       resolution=args.resolution or cfg.eval.grid_resolution, chunk=args.chunk)
     out = Path(args.out)
-    files, meshes = write_meshes(grids, out, "sample", fmt=args.format, preview=args.preview)
+    files, meshes = inference.write_meshes(grids, out, "sample", fmt=args.format, preview=args.preview)
     empty = sum(m is None for m in meshes)
     (out / "samples.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "files": [str(f) for f in files],
                                                   "empty": empty}, indent=2))

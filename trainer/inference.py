@@ -1,0 +1,217 @@
+"""Inference: the one home of what training-time evaluation, `shapeflow sample`, `shapeflow eval` and the
+demo do with a trained network.
+
+* loading: a network or a frozen VAE from a checkpoint directory (any engine strategy) or a
+  `shapeflow export` safetensors file;
+* encoding: surface points (or an occupancy grid) -> the VAE posterior, the encoder seeing as many
+  surface points as in training (the FPS prefix of the stored points);
+* conditions: from a batch (training), or for sampling (class ids, or the embeddings of a batch);
+* sampling: the Euler sampler with classifier-free guidance (scale ``guidance``);
+* decoding: latents -> SDF-like grids -> meshes (marching cubes in trainer/meshing.py) and previews;
+* reconstruction metrics: IoU on query points or the grid, Chamfer / F-score against surface points.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import models
+from data_pipeline.typed_config import ConfigError, from_dict, load_config
+
+from trainer import checkpoint as ckpt
+from trainer import meshing
+from trainer import objectives as obj
+from trainer.config import ConditionConfig, TrainConfig
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+
+def read_exported(path: Path) -> tuple[dict[str, Tensor], TrainConfig, dict[str, Any]]:
+    """(network weights, training config, checkpoint meta) of a `shapeflow export` safetensors file."""
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if "shapeflow_config" not in header:
+        raise ConfigError(f"{path}: not a `shapeflow export` file (no shapeflow_config in its metadata)")
+    cfg = from_dict(TrainConfig, yaml.safe_load(header["shapeflow_config"]))
+    return load_file(str(path)), cfg, json.loads(header["shapeflow_meta"])
+
+
+def load_network(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """(network in eval mode, its training config, the checkpoint's meta) from a complete checkpoint
+    directory (any strategy) or a `shapeflow export` safetensors file (whose weights were chosen at export)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        state, cfg, meta = read_exported(path)
+    else:
+        meta = ckpt.read_meta(path)
+        if meta is None:
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no valid {ckpt.META}) "
+                                    "nor a .safetensors file from `shapeflow export`")
+        cfg = load_config(TrainConfig, path / "config.yaml")
+        state = ckpt.network_state(path, use_ema, meta)
+    overrides = (meta.get("derived") or {}).get("model_overrides") or cfg.model.overrides
+    net = models.build(cfg.model.name, **overrides)
+    net.load_state_dict(state)
+    return net.eval(), cfg, meta
+
+
+def load_frozen_vae(checkpoint: str | Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, TrainConfig]:
+    """The VAE of a `task=vae` checkpoint (or export), frozen and in eval mode, with its training config."""
+    net, cfg, _ = load_network(checkpoint, use_ema=use_ema)
+    if cfg.task != "vae":
+        raise ConfigError(f"vae.checkpoint: {checkpoint} is a task={cfg.task} checkpoint, not a VAE")
+    net.requires_grad_(False)
+    return net.eval().to(device), cfg
+
+
+# ---------------------------------------------------------------------------
+# encoding and conditions
+# ---------------------------------------------------------------------------
+
+def vae_num_surface(cfg: TrainConfig, net: nn.Module) -> int:
+    """Surface points per sample a VecSet VAE run feeds its encoder (data.options or the default)."""
+    return int(cfg.data.options.get("num_surface", max(4 * net.config.num_latents, 512)))
+
+
+def encode(vae: nn.Module, vae_cfg: TrainConfig, batch: dict[str, Any],
+           counts: tuple[int, int] | None = None) -> models.DiagonalGaussian:
+    """The posterior of a batch: the occupancy grid for the voxel VAE; for the VecSet VAE the first
+    ``vae_num_surface`` surface points (the FPS prefix: as many as the encoder saw in training) and
+    ``counts`` = (uniform, sharp) query tokens (None: the config's)."""
+    if isinstance(vae, models.VoxelVAE):
+        return vae.encode(batch["occ"])
+    n = vae_num_surface(vae_cfg, vae)
+    uniform, sharp = counts or (None, None)
+    return vae.encode(batch["surface"][:, :n], batch["surface_normal"][:, :n], batch.get("sharp"),
+                      batch.get("sharp_normal"), num_latents=uniform, num_sharp_latents=sharp)
+
+
+def batch_condition(cond_cfg: ConditionConfig, batch: dict[str, Any]) -> Tensor | None:
+    """The condition of a training batch: class ids [B] or embedding tokens [B, T, D] (None: unconditional)."""
+    if cond_cfg.kind == "none":
+        return None
+    if cond_cfg.kind == "class":
+        return batch[cond_cfg.key or "class_id"].long()
+    if cond_cfg.kind == "embedding":
+        cond = batch[cond_cfg.key or "condition"].float()
+        return cond[:, None] if cond.ndim == 2 else cond
+    raise ConfigError("condition.kind: image conditioning needs rendered views in the shards "
+                      "(schema v1 has none)")
+
+
+def sampling_condition(cond_cfg: ConditionConfig, n: int, device: torch.device, *, class_id: int | None = None,
+                       batch: dict[str, Any] | None = None) -> Tensor | None:
+    """The condition of ``n`` samples: ``class_id`` for all, else classes 0, 1, ... in turn; embeddings
+    are taken from ``batch`` (the first ``n`` rows)."""
+    if cond_cfg.kind == "class":
+        if class_id is not None:
+            return torch.full((n,), class_id, dtype=torch.long, device=device)
+        return torch.arange(n, device=device) % cond_cfg.num_classes
+    if cond_cfg.kind == "embedding" and batch is not None:
+        return batch_condition(cond_cfg, batch)[:n]
+    if cond_cfg.kind != "none":
+        raise ConfigError(f"condition.kind={cond_cfg.kind}: sampling needs the condition embeddings of a "
+                          "batch; `shapeflow sample` cannot read embeddings or images yet")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------
+
+def guided_euler(net: nn.Module, noise: Tensor, cond: Tensor | None, *, steps: int, shift: float,
+                 guidance: float) -> Tensor:
+    """Sample x0 from noise [B, ...]; with a condition and guidance != 1 both branches run each step."""
+    batch = noise.shape[0]
+    guided = cond is not None and guidance != 1.0
+    null = net.null_condition(batch, cond.shape[1] if cond is not None and cond.ndim == 3 else 1) if guided else None
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        if not guided:
+            return net(x, t, cond)
+        both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null.to(cond.dtype), cond]))
+        v_uncond, v_cond = both.chunk(2)
+        return obj.cfg_mix(v_uncond, v_cond, guidance)
+
+    return obj.euler_sample(velocity, noise, steps=steps, shift=shift)
+
+
+# ---------------------------------------------------------------------------
+# decoding
+# ---------------------------------------------------------------------------
+
+def as_sdf(pred: Tensor, kind: str) -> Tensor:
+    """A network output as an SDF-like field (negative inside): occupancy logits are positive inside."""
+    return pred if kind == "sdf" else -pred
+
+
+@torch.no_grad()
+def decode_grids(vae: nn.Module, latents: Tensor, *, kind: str, resolution: int, chunk: int) -> list[np.ndarray]:
+    """Unscaled latents [B, ...] -> one SDF-like grid per sample (negative inside).
+
+    VecSet VAE: decode once, query the grid in chunks (``resolution`` per axis). Voxel VAE: the decoder
+    output is the grid itself (occupancy logits, turned into -logits)."""
+    if isinstance(vae, models.VoxelVAE):
+        logits = vae.decode(latents).float()[:, 0]
+        return [(-g).cpu().numpy() for g in logits]
+    hidden = vae.decode(latents)
+    return [meshing.query_grid(lambda xyz, h=h: as_sdf(vae.query(h[None], xyz), kind), resolution, chunk,
+                               latents.device) for h in hidden]
+
+
+def write_meshes(grids: list[np.ndarray], out_dir: Path, prefix: str, fmt: str = "obj",
+                 preview: bool = True) -> tuple[list[Path], list[Any]]:
+    """Marching cubes on each grid; writes meshes (+ PNG previews); returns (files, meshes or None)."""
+    files, meshes = [], []
+    for i, grid in enumerate(grids):
+        mesh = meshing.grid_to_mesh(grid)
+        meshes.append(mesh)
+        if mesh is not None:
+            files.append(meshing.save_mesh(mesh, out_dir / f"{prefix}_{i:02d}.{fmt}"))
+        if preview:
+            files.append(meshing.save_preview(mesh, out_dir / f"{prefix}_{i:02d}.png", f"{prefix} {i}"))
+    return files, meshes
+
+
+# ---------------------------------------------------------------------------
+# reconstruction metrics
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Reconstruction:
+    grids: list[np.ndarray]      # one SDF-like grid per sample
+    iou: Tensor                  # [B] IoU of the inside sets (all queries, or the voxel grid)
+    pred: Tensor | None          # [B, Q] SDF-like values at batch["query"] (VecSet VAE only)
+
+
+@torch.no_grad()
+def reconstruct(vae: nn.Module, vae_cfg: TrainConfig, batch: dict[str, Any], *, resolution: int,
+                chunk: int) -> Reconstruction:
+    """Encode (posterior mode) and decode a batch; IoU against the stored queries (or occupancy grid)."""
+    kind = vae_cfg.vae_loss.kind
+    latents = encode(vae, vae_cfg, batch).mode()
+    if isinstance(vae, models.VoxelVAE):
+        grids = decode_grids(vae, latents, kind=kind, resolution=0, chunk=chunk)
+        truth = torch.where(batch["occ"][:, 0] > 0.5, -1.0, 1.0).cpu()
+        iou = obj.volume_iou(torch.from_numpy(np.stack(grids)).flatten(1), truth.flatten(1))
+        return Reconstruction(grids, iou, None)
+    pred = as_sdf(vae.query(vae.decode(latents), batch["query"]), kind)
+    grids = decode_grids(vae, latents, kind=kind, resolution=resolution, chunk=chunk)
+    return Reconstruction(grids, obj.volume_iou(pred, batch["sdf"]), pred)
+
+
+def surface_scores(mesh: Any, surface: Tensor, threshold: float, count: int) -> dict[str, float]:
+    """Chamfer / F-score between ``count`` points on the mesh (None: empty) and surface points [N, 3]."""
+    return obj.chamfer_and_fscore(meshing.surface_points(mesh, count), surface.cpu(), threshold)
