@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .config import require, validate_fields
-from .layers import (CheckpointedBlocks, DiTBlock, DiTFinalLayer, QKNorm, TimestepEmbedder, init_linears_xavier,
-                     patchify_3d, set_activation_checkpointing, sincos_pos_embed_3d, unpatchify_3d)
+from .layers import (ActivationCheckpointing, CheckpointedBlocks, DiTBlock, DiTFinalLayer, QKNorm, TimestepEmbedder,
+                     init_linears_xavier, patchify_3d, sincos_pos_embed_3d, unpatchify_3d)
 
 
 @dataclass
@@ -148,7 +148,7 @@ class DiTTrunk(nn.Module):
         return self.final(self.blocks(tokens, c, context), c)
 
 
-class _DiTBase(nn.Module):
+class _DiTBase(ActivationCheckpointing, nn.Module):
     """What both DiTs expose to the trainer besides forward()."""
 
     trunk: DiTTrunk
@@ -159,9 +159,6 @@ class _DiTBase(nn.Module):
     def drop_condition(self, cond, drop: torch.Tensor):
         return self.trunk.drop_condition(cond, drop)
 
-    def set_activation_checkpointing(self, every: int) -> None:
-        set_activation_checkpointing(self, every)
-        self.config.checkpoint_every = every
 
     def _init_weights(self) -> None:
         init_linears_xavier(self)

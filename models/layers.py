@@ -408,10 +408,15 @@ class CheckpointedBlocks(nn.Module):
         return x
 
 
-def set_activation_checkpointing(model: nn.Module, every: int) -> None:
-    """Checkpoint every ``every``-th block of all CheckpointedBlocks in ``model`` (0 = off)."""
-    if not isinstance(every, int) or every < 0:
-        raise ValueError(f"checkpoint_every must be an int >= 0, got {every!r}")
-    for m in model.modules():
-        if isinstance(m, CheckpointedBlocks):
-            m.every = every
+class ActivationCheckpointing:
+    """Mixin of the four networks: ``set_activation_checkpointing`` for their CheckpointedBlocks."""
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Checkpoint every ``every``-th block of all CheckpointedBlocks inside (0 = off); the config
+        records it (``checkpoint_every``) so a rebuilt network does the same."""
+        if not isinstance(every, int) or every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {every!r}")
+        for m in self.modules():
+            if isinstance(m, CheckpointedBlocks):
+                m.every = every
+        self.config.checkpoint_every = every

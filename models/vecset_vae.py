@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .config import require, validate_fields
-from .layers import (CheckpointedBlocks, CrossAttentionBlock, DiagonalGaussian, FourierEmbedder, QKNorm,
-                     SelfAttentionBlock, init_linears_xavier, init_posterior_head, set_activation_checkpointing)
+from .layers import (ActivationCheckpointing, CheckpointedBlocks, CrossAttentionBlock, DiagonalGaussian,
+                     FourierEmbedder, QKNorm, SelfAttentionBlock, init_linears_xavier, init_posterior_head)
 
 
 @dataclass
@@ -159,7 +159,7 @@ class QueryHead(nn.Module):
 # Model
 # ---------------------------------------------------------------------------
 
-class VecSetVAE(nn.Module):
+class VecSetVAE(ActivationCheckpointing, nn.Module):
     def __init__(self, cfg: VecSetVAEConfig):
         super().__init__()
         self.config = cfg
@@ -199,9 +199,6 @@ class VecSetVAE(nn.Module):
         latents = posterior.sample() if sample_posterior else posterior.mode()
         return self.query(self.decode(latents), xyz), posterior
 
-    def set_activation_checkpointing(self, every: int) -> None:
-        set_activation_checkpointing(self, every)
-        self.config.checkpoint_every = every
 
 
 # ---------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .config import require, validate_fields
-from .layers import (CheckpointedBlocks, DiagonalGaussian, Downsample3d, ResBlock3d, Upsample3d, group_norm,
-                     init_posterior_head, set_activation_checkpointing)
+from .layers import (ActivationCheckpointing, CheckpointedBlocks, DiagonalGaussian, Downsample3d, ResBlock3d,
+                     Upsample3d, group_norm, init_posterior_head)
 
 
 @dataclass
@@ -31,7 +31,6 @@ class VoxelVAEConfig:
     checkpoint_every: int = 0                # 0 off, k: checkpoint layers 0, k, 2k, ... of encoder and decoder
 
     def __post_init__(self):
-        self.channels = tuple(self.channels)
         validate_fields(self)
         require(self, len(self.channels) >= 1, "channels must list at least one level")
         require(self, self.in_channels > 0 and self.latent_channels > 0, "in/latent channels must be > 0")
@@ -79,7 +78,7 @@ class VoxelDecoder(nn.Module):
         return self.net(latent)
 
 
-class VoxelVAE(nn.Module):
+class VoxelVAE(ActivationCheckpointing, nn.Module):
     def __init__(self, cfg: VoxelVAEConfig):
         super().__init__()
         self.config = cfg
@@ -109,9 +108,6 @@ class VoxelVAE(nn.Module):
         latent = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(latent), posterior
 
-    def set_activation_checkpointing(self, every: int) -> None:
-        set_activation_checkpointing(self, every)
-        self.config.checkpoint_every = every
 
 
 PRESETS = {
