@@ -29,7 +29,7 @@ def pixel_shuffle_3d(x: torch.Tensor, factor: int) -> torch.Tensor:
 
     Channel index c*r^3 + i*r^2 + j*r + k goes to voxel (d*r+i, h*r+j, w*r+k), the 3D
     analogue of torch.nn.functional.pixel_shuffle. Every axis keeps its own size, so
-    this is correct for non-cubic grids (the article's version is not, see design.md).
+    this is correct for non-cubic grids (the article's version is not, see docs/design.md).
     """
     b, c, d, h, w = x.shape
     r = factor

@@ -1,6 +1,6 @@
 """Training objectives and metrics as pure functions (no networks, no optimisers, no distributed code).
 
-Conventions (design.md section 2), used by every function below:
+Conventions (docs/design.md section 2), used by every function below:
 
 * Rectified flow: ``x_t = (1 - t) * x0 + t * eps`` with ``x0`` the data latent and ``eps ~ N(0, I)``.
   ``t = 0`` is data, ``t = 1`` is noise. The network predicts the velocity ``v = eps - x0`` (= dx_t/dt).

@@ -1,4 +1,4 @@
-"""Loading input meshes into one clean triangle mesh, and the normalisation of design.md section 2.
+"""Loading input meshes into one clean triangle mesh, and the normalisation of docs/design.md section 2.
 
 Every problem with an input raises :class:`MeshError` whose message is the reason written to
 failures.jsonl (the caller adds the file name).

@@ -1,4 +1,4 @@
-"""One mesh -> one shard sample (design.md section 3): load, normalise, make watertight, sample, label.
+"""One mesh -> one shard sample (docs/design.md section 3): load, normalise, make watertight, sample, label.
 
 :func:`process_mesh` is what each worker process runs; it raises MeshError / WatertightError with
 the reason when the input cannot be used.

@@ -1,4 +1,4 @@
-"""Signed distances of query points to the watertight mesh (negative inside, design.md section 2).
+"""Signed distances of query points to the watertight mesh (negative inside, docs/design.md section 2).
 
 * Distance: exact point-to-triangle distance (igl AABB tree) for every query. (A k-d tree over surface
   samples or a narrow band would be cheaper for far queries in theory, but measured slower here:
