@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
-from trainer.engines import create_engine
+from trainer.engines import create_engine, shutdown_process_group
 from trainer.loop import Trainer, build_loader, make_optimizer, make_scheduler
 from trainer.tasks import make_task
 
@@ -121,7 +121,7 @@ def main() -> None:
                                                Path(job["checkpoint"]))
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "results.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    shutdown_process_group()   # barrier, then destroy: no rank leaves while its peer is in a collective
 
 
 if __name__ == "__main__":

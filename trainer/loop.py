@@ -248,16 +248,19 @@ def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...)."""
     engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
-    tracker = None
+    trainer, tracker, finished = None, None, False
     try:
         trainer = setup(cfg, engine)
         tracker = trainer.tracker
         summary = trainer.fit()
         tracker.finish("FINISHED")
+        finished = True
         return summary
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")
         raise
     finally:
-        engine.close()
+        if trainer is not None and hasattr(trainer.loader, "close"):
+            trainer.loader.close()   # joins its dataloader workers now, not at interpreter exit
+        engine.close(orderly=finished)   # after an error no barrier: the peers may be gone

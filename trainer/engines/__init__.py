@@ -14,10 +14,12 @@ import torch
 
 from trainer.config import EngineConfig, OptimConfig, SUPPORTED_STRATEGIES
 from trainer.engines.base import (DistributedSetupError, Engine, OptimizerFactory, SchedulerFactory,
-                                  describe_peer_failure, detect_launch, resolve_engine_config)
+                                  describe_peer_failure, detect_launch, resolve_engine_config,
+                                  shutdown_process_group)
 
 __all__ = ["DistributedSetupError", "Engine", "OptimizerFactory", "SchedulerFactory", "checkpoint_has_ema",
-           "create_engine", "describe_peer_failure", "detect_launch", "read_full_state", "resolve_engine_config"]
+           "create_engine", "describe_peer_failure", "detect_launch", "read_full_state", "resolve_engine_config",
+           "shutdown_process_group"]
 
 
 def read_full_state(directory: Path, strategy: str, use_ema: bool) -> dict[str, torch.Tensor]:

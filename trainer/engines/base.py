@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -310,6 +311,41 @@ class Engine(abc.ABC):
         if self.distributed:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, orderly: bool = True) -> None:
+        """Leave the process group this engine created (see :func:`shutdown_process_group`).
+
+        ``orderly=False`` (this rank is failing) skips the barrier: a dead peer would only make it wait."""
         if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            shutdown_process_group(min(self.cfg.timeout_s, CLOSE_BARRIER_S) if orderly else None)
+
+
+CLOSE_BARRIER_S = 120
+
+
+def shutdown_process_group(barrier_timeout_s: float | None = CLOSE_BARRIER_S) -> None:
+    """The end of a rank's distributed life: a bounded barrier, then ``destroy_process_group()``.
+
+    Without the barrier the rank that finishes first destroys its group and exits while its peer may
+    still be in, or just leaving, the last collective (issue 18: a rank aborted at exit with "terminate
+    called without an active exception"). Gloo runs collectives on worker threads, and such a thread
+    releases a collective's tensors only after the caller was woken up; dropping the last reference
+    to a tensor created in Python takes the GIL, and a thread that does so while the interpreter
+    finalises is ended inside a noexcept destructor: std::terminate, SIGABRT. destroy_process_group()
+    does not join those threads (after DDP wrapped a model the gloo backend stays referenced until
+    exit), so the barrier is what puts a full round trip between every rank's last collective and
+    its teardown. ``barrier_timeout_s`` bounds it (gloo: monitored_barrier, which names a missing
+    rank; NCCL: the group's own timeout); a failing barrier is reported and the group destroyed anyway.
+    """
+    if not dist.is_initialized():
+        return
+    if barrier_timeout_s and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=barrier_timeout_s))
+            else:
+                dist.barrier()   # NCCL: bounded by the group's timeout (its watchdog)
+        except Exception as err:   # noqa: BLE001  (leaving anyway: the work of this rank is done)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            print(f"shapeflow: rank {dist.get_rank()}: barrier before leaving the process group failed "
+                  f"({first[:300]}); leaving without it", file=sys.stderr, flush=True)
+    dist.destroy_process_group()
