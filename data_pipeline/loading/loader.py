@@ -38,6 +38,7 @@ import itertools
 import os
 import random
 import warnings
+import weakref
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -302,6 +303,7 @@ class ShardLoader:
     def __init__(self, plan: Plan, num_workers: int, prefetch_factor: int):
         self.plan, self.num_workers, self.prefetch_factor = plan, num_workers, prefetch_factor
         self.stats = _new_stats()
+        self._open: weakref.WeakSet = weakref.WeakSet()   # iterations not finished yet (their workers run)
         self.reset()
 
     # -- iteration ----------------------------------------------------------
@@ -311,6 +313,24 @@ class ShardLoader:
         self.next_worker = 0
 
     def __iter__(self) -> Iterator[dict]:
+        iteration = self._iterate()
+        self._open.add(iteration)
+        return iteration
+
+    def close(self) -> None:
+        """End every unfinished iteration now: its dataloader worker processes are shut down and joined
+        (otherwise that happens when the iterator is garbage collected, possibly only at exit)."""
+        for iteration in list(self._open):
+            iteration.close()
+        self._open.clear()
+
+    def __enter__(self) -> "ShardLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _iterate(self) -> Iterator[dict]:
         for batch in self._batches():
             self._record(batch.pop("_cursor"), batch.pop("_events"))
             valid = int(batch["valid"].sum())
