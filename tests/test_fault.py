@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
+from multiproc import Ranks
 from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -21,14 +21,14 @@ TIMEOUT_S = 15          # engine.timeout_s of the run
 BOUND_S = TIMEOUT_S + 30  # the survivor must be gone by then (start-up of the error path included)
 
 
-def start_rank(rank: int, port: int, shards, run_dir, strategy: list[str]) -> subprocess.Popen:
+def rank_command(rank: int, port: int, shards, run_dir, strategy: list[str]) -> tuple[list[str], dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank),
            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "trainer.commands", "train", "vecset_vae_debug", f"data.path={shards}",
            f"run.dir={run_dir}", *FAST, "run.max_steps=100000", "run.ckpt_every=2", "run.eval_every=0",
            "run.log_every=1", f"engine.timeout_s={TIMEOUT_S}", *strategy]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return cmd, env
 
 
 STRATEGIES = {"ddp": [], "zero3": ["engine.strategy=deepspeed", "engine.zero_stage=3"],
@@ -38,26 +38,21 @@ STRATEGIES = {"ddp": [], "zero3": ["engine.strategy=deepspeed", "engine.zero_sta
 @pytest.mark.parametrize("strategy, fault", [("ddp", "kill"), ("zero3", "hang"), ("fsdp2", "hang")])
 def test_dead_or_hung_rank_stops_the_job_in_bounded_time(train_shards, tmp_path, strategy, fault):
     port, run_dir = free_port(), tmp_path / "run"
-    procs = [start_rank(r, port, train_shards, run_dir, STRATEGIES[strategy]) for r in range(2)]
-    try:
+    cmds, envs = zip(*(rank_command(r, port, train_shards, run_dir, STRATEGIES[strategy]) for r in range(2)))
+    with Ranks.popen(cmds, tmp_path / "logs", timeout_s=180 + BOUND_S + 30, envs=envs) as ranks:
         deadline = time.monotonic() + 180
         while not (run_dir / "checkpoints" / "latest").exists():   # both ranks are in the loop
-            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "training did not reach its first checkpoint"
+            if not all(code is None for code in ranks.exit_codes()):
+                ranks.fail("a rank exited before the first checkpoint")
+            if time.monotonic() > deadline:
+                ranks.fail("training did not reach its first checkpoint")
             time.sleep(0.5)
-        os.kill(procs[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        os.kill(ranks[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
         faulted = time.monotonic()
-        try:
-            _, err = procs[0].communicate(timeout=BOUND_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still running {BOUND_S}s after rank 1 was {fault}ed")
+        # fails with both ranks' output if rank 0 is still running BOUND_S after rank 1 was faulted
+        (code, _) = ranks.wait(expect=None, which=[0], timeout_s=BOUND_S)
+        err = ranks.output(0, 20000)
         elapsed = time.monotonic() - faulted
-        print(f"{fault}: rank 0 exited with {procs[0].returncode} after {elapsed:.1f}s")
-        assert procs[0].returncode == 4, err[-3000:]
+        print(f"{fault}: rank 0 exited with {code} after {elapsed:.1f}s")
+        assert code == 4, err[-3000:]
         assert "another rank died or stopped responding" in err and "engine.timeout_s=15" in err, err[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.kill()
-            p.wait()

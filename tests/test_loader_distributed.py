@@ -15,9 +15,9 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from loader_fixtures import loader_shards, stored_samples  # noqa: F401 (fixture)
+from multiproc import spawn_ranks
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -38,6 +38,7 @@ def rank_main(rank: int, port: int, shard_dir: str, out: str, num_workers: int) 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     from data_pipeline import make_loader
+    from trainer.engine import shutdown_process_group
     small = dict(task="vae", num_surface=64, num_vol=16, num_near=16, num_workers=num_workers)
 
     # evaluation: rank and world size come from the process group
@@ -58,6 +59,8 @@ def rank_main(rank: int, port: int, shard_dir: str, out: str, num_workers: int) 
     restored = make_loader(shard_dir, batch_size=2, mode="train", seed=0, **small)
     restored.load_state_dict(json.loads(json.dumps(state)))
     resumed_ok = next(iter(restored))["id"] == expected_next
+    train.close()      # join the dataloader workers of the unfinished iterations now
+    restored.close()
 
     results = [None] * WORLD
     dist.all_gather_object(results, {"ids": ids, "steps": steps, "len": len(loader),
@@ -65,26 +68,16 @@ def rank_main(rank: int, port: int, shard_dir: str, out: str, num_workers: int) 
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    shutdown_process_group()   # barrier, then destroy (trainer/engine.py)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_eval_exactly_once_and_no_deadlock_over_gloo(loader_shards, tmp_path, num_workers):
     out = tmp_path / "results.json"
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, str(loader_shards), str(out), num_workers))
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"ranks still running after {TIMEOUT_S}s: the loader deadlocked"
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    # bounded: a deadlocked rank fails the test (with both ranks' output) instead of hanging it
+    spawn_ranks(rank_main, (free_port(), str(loader_shards), str(out), num_workers), nprocs=WORLD,
+                log_dir=tmp_path / "logs", timeout_s=TIMEOUT_S)   # every rank exits with 0
 
     results = json.loads(out.read_text())
     assert len({r["steps"] for r in results}) == 1 and results[0]["steps"] == results[0]["len"]

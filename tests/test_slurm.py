@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from multiproc import tail
 from trainer.checkpoint import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,12 +98,13 @@ def submit_and_wait(args: list[str], env: dict, cwd: Path, expect_tasks: int = 1
             return states
         time.sleep(2)
     subprocess.run(["scancel", job_id], env=env, timeout=30)
-    pytest.fail(f"job {job_id} not finished after {JOB_DEADLINE_S} s: {states}")
+    outputs = [Path(a.split("=", 1)[1]).parent for a in args if a.startswith("--output=")]
+    pytest.fail(f"job {job_id} not finished after {JOB_DEADLINE_S} s: {states}\n"
+                + "\n".join(_logs(folder) for folder in outputs))
 
 
 def _logs(folder: Path) -> str:
-    return "\n".join(f"---- {p}\n{p.read_text(errors='replace')[-4000:]}"
-                     for p in sorted(folder.rglob("*.out")))
+    return "\n".join(f"---- {p}\n{tail(p, 4000)}" for p in sorted(folder.rglob("*.out")))
 
 
 # ---------------------------------------------------------------------------

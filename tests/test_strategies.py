@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from trainer.engines import create_engine
 from trainer.loop import build_loader, train
 from trainer.tasks import make_task
 
+from multiproc import run_commands
 from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -71,8 +71,7 @@ def launch(world: int, spec: dict, spec_file: Path) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER, str(spec_file)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_commands([cmd], envs=[env], log_dir=spec_file.parent / "logs", timeout_s=TIMEOUT_S)   # exit code 0
     return json.loads((Path(spec["out"]) / "results.json").read_text())
 
 
@@ -170,8 +169,7 @@ def test_accelerate_launch_config_selects_the_strategy(train_shards, tmp_path, n
            "--main_process_port", str(free_port()), "-m", "trainer.commands", "train", "vecset_vae_debug",
            f"data.path={train_shards}", f"run.dir={run_dir}", *FAST, "run.max_steps=2", "run.ckpt_every=2",
            "run.eval_every=0"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_commands([cmd], envs=[env], cwd=REPO, log_dir=tmp_path / "logs", timeout_s=TIMEOUT_S)   # exit code 0
     meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
     assert (meta["strategy"], meta["world_size"]) == (strategy, 2)
 

@@ -3,14 +3,12 @@ batch, for the VAE and the DiT; and `shapeflow train` under torchrun."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
@@ -18,6 +16,7 @@ from trainer.engines import create_engine
 from trainer.loop import build_loader, train
 from trainer.tasks import BatchRandom, make_task, to_device
 
+from multiproc import run_commands, spawn_ranks
 from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -67,9 +66,8 @@ def run_world(world: int, overrides: list[str], batch_file: Path, out_file: Path
     if world == 1:
         first_step(0, *args)
     else:
-        ctx = mp.start_processes(first_step, args=args, nprocs=world, join=False, start_method="spawn")
-        while not ctx.join(timeout=TIMEOUT_S):
-            pass
+        spawn_ranks(first_step, args, nprocs=world, log_dir=out_file.parent / f"{out_file.stem}_logs",
+                    timeout_s=TIMEOUT_S)
     return torch.load(out_file, weights_only=False)
 
 
@@ -120,8 +118,7 @@ def test_shapeflow_train_as_two_ddp_processes(train_shards, tmp_path, launcher):
     cmd = [*LAUNCHERS[launcher](), "-m", "trainer.commands", "train", "vecset_vae_debug", f"data.path={train_shards}",
            f"run.dir={run_dir}", *FAST, "run.max_steps=3", "run.ckpt_every=3", "run.eval_every=0",
            "run.log_every=1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_commands([cmd], envs=[env], log_dir=tmp_path / "logs", timeout_s=TIMEOUT_S)   # exit code 0
     meta = ckpt.read_meta(run_dir / "checkpoints" / "step_00000003")
     assert meta["world_size"] == 2
     assert (run_dir / "checkpoints" / "step_00000003" / "rank_00001.pt").exists()
