@@ -38,7 +38,7 @@ def rank_main(rank: int, port: int, shard_dir: str, out: str, num_workers: int) 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     from data_pipeline import make_loader
-    from trainer.engine import shutdown_process_group
+    from trainer.engines import shutdown_process_group
     small = dict(task="vae", num_surface=64, num_vol=16, num_near=16, num_workers=num_workers)
 
     # evaluation: rank and world size come from the process group
@@ -68,7 +68,7 @@ def rank_main(rank: int, port: int, shard_dir: str, out: str, num_workers: int) 
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
-    shutdown_process_group()   # barrier, then destroy (trainer/engine.py)
+    shutdown_process_group()   # barrier, then destroy (trainer/engines/base.py)
 
 
 @pytest.mark.slow
