@@ -15,6 +15,7 @@ class WatertightConfig:
     band_voxels: int = 1            # exact distances are computed this many voxels around the input surface
     shell_voxels: float = 1.0       # half-thickness of the shell given to open sheets (|winding| near 0.5), in voxels
     sheet_winding: tuple[float, float] = (0.25, 0.75)  # |winding number| inside this range marks an open sheet
+    ambiguous_volume: float = 0.10  # above this fraction of coarse cells with an ambiguous |w| (off the surface): shell method
 
     def __post_init__(self) -> None:
         for name in ("resolution", "coarse_resolution"):
@@ -25,6 +26,23 @@ class WatertightConfig:
             raise ValueError("watertight.coarse_resolution must not exceed watertight.resolution")
         if self.band_voxels < 1:
             raise ValueError(f"watertight.band_voxels must be >= 1, got {self.band_voxels}")
+
+
+@dataclass
+class DeviationGate:
+    """max_deviation: a watertight mesh farther than this from its input is a failure, not a sample."""
+    p95_voxels: float = 2.0         # p95 of watertight -> input distances, in voxels
+    far_voxels: float = 2.0         # watertight area farther than this from the input counts as far ...
+    far_area: float = 0.10          # ... and may be at most this fraction of the area (hole caps)
+    samples: int = 20_000           # points per surface for the quality record
+    resolution: int = 0             # voxel = 2 / resolution; 0: watertight.resolution
+
+    def __post_init__(self) -> None:
+        if self.p95_voxels <= 0 or self.far_voxels <= 0 or not 0 <= self.far_area <= 1:
+            raise ValueError("max_deviation: p95_voxels and far_voxels must be > 0, far_area in [0, 1]")
+        if self.samples < 100 or self.resolution < 0:
+            raise ValueError(f"max_deviation: samples must be >= 100 and resolution >= 0, got "
+                             f"{self.samples}, {self.resolution}")
 
 
 @dataclass
@@ -55,6 +73,7 @@ class SamplingConfig:
 class PreprocessConfig:
     watertight: WatertightConfig = field(default_factory=WatertightConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_deviation: DeviationGate = field(default_factory=DeviationGate)
     occupancy_resolution: int = 64          # R of the R^3 occupancy grid (cell centres over [-1.05, 1.05]^3)
     seed: int = 0                           # per-mesh generators are seeded from (seed, mesh id)
     min_faces: int = 4                      # fewer faces than a tetrahedron cannot bound a solid

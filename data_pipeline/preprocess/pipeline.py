@@ -18,11 +18,11 @@ from data_pipeline.preprocess.mesh_io import load_mesh, normalise
 from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.preprocess.sampling import (fps_first, fps_order, near_queries, sample_sharp, sample_surface,
                                     volume_queries)
-from data_pipeline.preprocess.sdf import SdfLabeller
-from data_pipeline.preprocess.watertight import make_watertight
+from data_pipeline.preprocess.fidelity import faithful_watertight
 
-PIPELINE_VERSION = "preprocess-2"  # 2: points stored FPS order first
-WATERTIGHT_METHOD = "winding-number sign + narrow-band distance + marching cubes"
+PIPELINE_VERSION = "preprocess-3"  # 2: points stored FPS order first; 3: max_deviation gate, quality record
+WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
+                      "shell": "eps-shell around the input + flood fill + marching cubes"}
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
     raw = load_mesh(task.path, min_faces=cfg.min_faces)
     normalised = normalise(raw)
     clock.lap("load")
-    result = make_watertight(normalised.mesh, cfg.watertight)
-    watertight = result.mesh
+    conversion = faithful_watertight(normalised.mesh, cfg)   # raises FidelityError past max_deviation
+    result, labeller, watertight = conversion.result, conversion.labeller, conversion.result.mesh
     clock.lap("watertight")
 
     s = cfg.sampling
@@ -76,7 +76,6 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
     sharp_fps = fps_order(sharp, s.sharp_fps_points, s.fps_bucket_height)
     clock.lap("fps")
 
-    labeller = SdfLabeller(watertight, result.grid)
     queries = {
         "vol": volume_queries(s.volume_points, rng),
         "near": near_queries(watertight, s.near_sigmas, s.near_points_per_sigma, rng),
@@ -98,6 +97,7 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
     sample.update(fps_prefix_arrays("surface", surface, surface_normal, surface_fps))
     sample.update(fps_prefix_arrays("sharp", sharp, sharp_normal, sharp_fps))
     sample["json"] = _metadata(task, sha, normalised, raw, watertight, result, cfg, sample, clock.timings)
+    sample["json"]["quality"] = conversion.quality
     return sample
 
 
@@ -124,7 +124,8 @@ def _metadata(task, sha, normalised, raw, watertight, result, cfg, sample, timin
         "counts": counts,
         "occ_resolution": cfg.occupancy_resolution,
         "input": {"vertices": int(len(raw.vertices)), "faces": int(len(raw.faces))},
-        "watertight": {"method": WATERTIGHT_METHOD, "resolution": cfg.watertight.resolution,
+        "watertight": {"method": result.grid.method, "method_detail": WATERTIGHT_METHODS[result.grid.method],
+                       "ambiguous_volume": result.grid.ambiguous_volume, "resolution": cfg.watertight.resolution,
                        "faces": int(len(watertight.faces)), "volume": float(watertight.volume),
                        "band_points": result.grid.band_points,
                        "winding_evaluations": result.grid.winding_evaluations},

@@ -38,6 +38,10 @@ class SdfLabeller:
         inside[crossed] = self._closest_face_sign(xyz[crossed], closest_face[crossed], closest_point[crossed])
         return np.where(inside > 0.5, -distance, distance)
 
+    def distance(self, xyz: np.ndarray) -> np.ndarray:
+        """float [n]: unsigned distance to the watertight surface."""
+        return self._exact(np.ascontiguousarray(xyz, dtype=np.float64))[0]
+
     def inside(self, xyz: np.ndarray) -> np.ndarray:
         """bool [n]: occupancy (sdf < 0) without distances: grid sign, winding number in crossed cells."""
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)

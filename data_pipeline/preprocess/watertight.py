@@ -11,6 +11,13 @@ Method (winding-number solid + narrow band + marching cubes):
 * exact unsigned distances (igl.point_mesh_squared_distance) are computed only in a band of a few
   voxels around the input surface; outside the band the field is +-(band width);
 * open sheets (|w| close to 1/2 right next to the surface) get a thin shell |d| < eps so they survive;
+* coarse cells with a corner whose |w| is ambiguous (inside ``sheet_winding``) are refined with a winding
+  number at every finer point: away from the surface w can cross 1/2 (a hole cap), so copying a
+  neighbour's sign there would leave axis-aligned slabs. If such cells fill more than
+  ``ambiguous_volume`` of the grid (open panel assemblies, flat sheets), the winding method gives up
+  with :class:`AmbiguousWindingError` and the caller uses the ``shell`` method instead;
+* ``method="shell"``: the solid is the eps-shell {d < eps} around the input plus every region the
+  shell encloses (flood fill of {d >= eps} from the grid border); exact distances on the band only;
 * scikit-image marching cubes extracts the zero level set of that signed field.
 
 :func:`signed_grid` with ``dense=True`` is the dense-grid baseline of the benchmark: the same field
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 import igl
 import numpy as np
 import trimesh
+from scipy import ndimage
 from skimage.measure import marching_cubes
 
 from data_pipeline.preprocess.config import WatertightConfig
@@ -37,6 +45,10 @@ class WatertightError(ValueError):
     """The conversion produced no solid (the message says why)."""
 
 
+class AmbiguousWindingError(WatertightError):
+    """The winding number is ambiguous over too large a volume for the winding method."""
+
+
 @dataclass
 class SignedGrid:
     field: np.ndarray         # float32 [R+1, R+1, R+1], negative inside, exact distance inside the band
@@ -44,6 +56,8 @@ class SignedGrid:
     band_points: int          # grid points of the finest level with an exact distance
     winding_evaluations: int  # winding numbers computed over all levels
     distance_evaluations: int
+    method: str = "winding"   # "winding" or "shell"
+    ambiguous_volume: float = 0.0  # fraction of coarse cells with an ambiguous |w| corner (winding method)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -57,9 +71,11 @@ class WatertightResult:
     grid: SignedGrid
 
 
-def make_watertight(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = False) -> WatertightResult:
-    """Convert a normalised mesh into a watertight one at ``cfg.resolution``."""
-    grid = signed_grid(mesh, cfg, dense=dense)
+def make_watertight(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = False,
+                   method: str = "winding", queries: MeshQueries | None = None) -> WatertightResult:
+    """Convert a normalised mesh into a watertight one at ``cfg.resolution`` (``queries``: reuse the
+    input's search structures across methods)."""
+    grid = signed_grid(mesh, cfg, dense=dense, method=method, queries=queries)
     start = time.perf_counter()
     closed = extract_surface(grid)
     grid.timings["marching_cubes"] = time.perf_counter() - start
@@ -70,12 +86,18 @@ def make_watertight(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = 
 # the signed field
 # ---------------------------------------------------------------------------
 
-def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = False) -> SignedGrid:
+def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = False, method: str = "winding",
+                queries: MeshQueries | None = None) -> SignedGrid:
+    if method not in ("winding", "shell"):
+        raise ValueError(f"unknown watertight method {method!r} (winding or shell)")
     R = cfg.resolution
     voxel = 2 * GRID_HALF_EXTENT / R
     eps = cfg.shell_voxels * voxel
-    queries = MeshQueries(mesh)
+    queries = queries or MeshQueries(mesh)
     timings: dict[str, float] = {}
+    if method == "shell":
+        return _shell_grid(mesh, cfg, queries, timings)
+    ambiguous = 0.0
     if dense:
         start = time.perf_counter()
         inside, exact = _inside_dense(queries, R)
@@ -86,7 +108,7 @@ def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = Fals
         band = _cell_corners(_dilate(near_cells, cfg.band_voxels))
         timings["band"] = time.perf_counter() - start
         start = time.perf_counter()
-        inside, exact = _inside_by_refinement(queries, near_cells, band, cfg.coarse_resolution, eps)
+        inside, exact, ambiguous = _inside_by_refinement(queries, near_cells, band, cfg, eps)
         timings["sign_and_distance"] = time.perf_counter() - start
 
     far = (cfg.band_voxels + 1) * voxel
@@ -96,7 +118,45 @@ def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = Fals
     _finish_field(grid, far, voxel)
     return SignedGrid(field=grid, resolution=R, band_points=len(exact.distance),
                       winding_evaluations=queries.winding_count, distance_evaluations=queries.distance_count,
-                      timings=timings)
+                      ambiguous_volume=ambiguous, timings=timings)
+
+
+def _shell_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, queries: MeshQueries, timings: dict) -> SignedGrid:
+    """Field of the eps-shell method: d - eps in the band; off the band (d >= one band width >= eps)
+    outside if reachable from the grid border through {d >= eps}, else an enclosed cavity (inside)."""
+    R = cfg.resolution
+    voxel = 2 * GRID_HALF_EXTENT / R
+    eps = cfg.shell_voxels * voxel
+    start = time.perf_counter()
+    # One voxel beyond the shell: the field is exact on both sides of the zero level.
+    band = _cell_corners(_dilate(_cells_touching_surface(mesh, R), max(cfg.band_voxels, int(np.ceil(cfg.shell_voxels)) + 1)))
+    exact = _ExactPoints(np.nonzero(band), R)
+    exact.distance, exact.face = queries.distance(exact.xyz)
+    timings["band"] = time.perf_counter() - start
+    start = time.perf_counter()
+    far = 2 * eps + voxel
+    free = np.ones(band.shape, dtype=bool)
+    free[exact.index] = exact.distance >= eps
+    inside = ~_reachable_from_border(free)
+    grid = np.where(inside, -far, far).astype(np.float32)
+    values = exact.distance - eps                 # > 0 off the shell ...
+    cavity = inside[exact.index] & (values >= 0)
+    values[cavity] = -values[cavity]              # ... except in an enclosed cavity, which is inside
+    grid[exact.index] = np.clip(values, -far, far)
+    _finish_field(grid, far, voxel)
+    timings["flood_fill"] = time.perf_counter() - start
+    return SignedGrid(field=grid, resolution=R, band_points=len(exact.distance), winding_evaluations=0,
+                      distance_evaluations=queries.distance_count, method="shell", timings=timings)
+
+
+def _reachable_from_border(free: np.ndarray) -> np.ndarray:
+    """bool like ``free``: free points 6-connected to a free point on the grid border."""
+    labels, count = ndimage.label(free)
+    border = np.concatenate([labels[(slice(None),) * a + (end,)].ravel() for a in range(3) for end in (0, -1)])
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[border] = True
+    outside[0] = False      # label 0: not free
+    return outside[labels]
 
 
 def _inside_dense(queries: MeshQueries, R: int) -> tuple[np.ndarray, _ExactPoints]:
@@ -238,44 +298,62 @@ def _pool(cells: np.ndarray, factor: int) -> np.ndarray:
     return cells.reshape(r, factor, r, factor, r, factor).any(axis=(1, 3, 5))
 
 
-def _inside_by_refinement(queries: MeshQueries, near_cells: np.ndarray, band: np.ndarray, r0: int,
-                          eps: float) -> tuple[np.ndarray, _ExactPoints]:
-    """bool [R+1]^3 inside mask, and the finest-level points with exact distances (band included)."""
+def _inside_by_refinement(queries: MeshQueries, near_cells: np.ndarray, band: np.ndarray, cfg: WatertightConfig,
+                          eps: float) -> tuple[np.ndarray, _ExactPoints, float]:
+    """bool [R+1]^3 inside mask, the finest-level points with exact distances (band included), and the
+    ambiguous volume fraction. Raises AmbiguousWindingError when that fraction is too large."""
     R = near_cells.shape[0]
-    r = min(r0, R)
+    r = min(cfg.coarse_resolution, R)
     axis = np.arange(r + 1)
     coarse = np.meshgrid(axis, axis, axis, indexing="ij")
-    inside = (np.abs(queries.winding(_grid_points(tuple(c.reshape(-1) for c in coarse), r))) > 0.5)
-    inside = inside.reshape((r + 1,) * 3)
+    abs_w = np.abs(queries.winding(_grid_points(tuple(c.reshape(-1) for c in coarse), r))).reshape((r + 1,) * 3)
+    # Next to the surface |w| passes 1/2 anyway; the distance rule of _refine handles those cells.
+    uncertain = _ambiguous_cells(abs_w, cfg.sheet_winding) & ~_dilate(_pool(near_cells, R // r), 1)
+    ambiguous = float(uncertain.mean())
+    if ambiguous > cfg.ambiguous_volume:
+        raise AmbiguousWindingError(f"winding number ambiguous over {ambiguous:.1%} of the volume")
+    inside = abs_w > 0.5
     exact = None
     while r < R:
         finest = 2 * r == R
-        # No dilation: a cell without surface has a smooth w, so agreeing corners decide it.
-        inside, exact = _refine(inside, _pool(near_cells, R // r), queries,
+        # Cells without surface and with unambiguous corners have a smooth w far from 1/2: agreeing
+        # corners decide them. Uncertain cells get a winding number at every finer point.
+        f = r // len(uncertain)
+        up = uncertain.repeat(f, 0).repeat(f, 1).repeat(f, 2)
+        inside, exact = _refine(inside, _pool(near_cells, R // r), up, queries,
                                 band if finest else None, eps if finest else 0.0)
         r *= 2
     if exact is None:  # coarse level == finest level: everything was evaluated
         exact = _ExactPoints(np.nonzero(band), R)
         exact.distance, exact.face = queries.distance(exact.xyz)
         exact.abs_winding = np.abs(queries.winding(exact.xyz))
-    return inside, exact
+    return inside, exact, ambiguous
 
 
-def _refine(inside_c: np.ndarray, near_c: np.ndarray, queries: MeshQueries, band, eps: float):
+def _ambiguous_cells(abs_w: np.ndarray, sheet_winding) -> np.ndarray:
+    """bool [r]^3: cells with a corner whose |w| [r+1]^3 lies strictly inside the sheet range."""
+    lo, hi = sheet_winding
+    corner = (abs_w > lo) & (abs_w < hi)
+    r = abs_w.shape[0] - 1
+    return np.logical_or.reduce([corner[a:a + r, b:b + r, c:c + r] for a, b, c in itertools.product((0, 1), repeat=3)])
+
+
+def _refine(inside_c: np.ndarray, near_c: np.ndarray, uncertain_c: np.ndarray, queries: MeshQueries, band, eps: float):
     """Inside mask on a grid twice as fine.
 
-    New points whose parent cell has agreeing corners and no surface copy that sign. In the other
-    cells every point p gets its exact distance d(p) (cheap near the surface). Points are then settled
-    by their number k of odd indices (k = 1, 2, 3): the neighbour q = p minus one voxel along its first
-    odd axis has k - 1 odd indices and is already settled; if d(p) > |p - q| = one voxel, no surface
-    lies between them and p takes q's sign. Only points closer to the surface than one voxel get their
-    own winding number, the expensive query.
+    New points whose parent cell has agreeing corners, no surface and no ambiguous corner copy that
+    sign. In the other cells every point p gets its exact distance d(p) (cheap near the surface).
+    Points are then settled by their number k of odd indices (k = 1, 2, 3): the neighbour q = p minus
+    one voxel along its first odd axis has k - 1 odd indices and is already settled; if d(p) > |p - q|
+    = one voxel, no surface lies between them and p takes q's sign, unless p lies in an uncertain cell
+    (w may cross 1/2 off the surface there). Only points closer to the surface than one voxel or in
+    uncertain cells get their own winding number, the expensive query.
     """
     r = near_c.shape[0]
     corners = [inside_c[a:a + r, b:b + r, c:c + r] for a, b, c in itertools.product((0, 1), repeat=3)]
     all_in = np.logical_and.reduce(corners)
     any_in = np.logical_or.reduce(corners)
-    ambiguous_cell = near_c | (any_in & ~all_in)
+    ambiguous_cell = near_c | (any_in & ~all_in) | uncertain_c
 
     parent = np.minimum(np.arange(2 * r + 1) // 2, r - 1)    # parent cell of each fine index
     pick = np.ix_(parent, parent, parent)
@@ -294,7 +372,9 @@ def _refine(inside_c: np.ndarray, near_c: np.ndarray, queries: MeshQueries, band
     # Which points need a winding number does not depend on any sign: ask for all in one call
     # (each call rebuilds igl's tree). Coarse points (k = 0) keep their sign; their |w| only
     # serves to detect open sheets.
-    need = exact.distance <= np.where(odd_count == 0, eps, max(voxel, eps))
+    cell = np.minimum(index // 2, r - 1)
+    in_uncertain = uncertain_c[cell[:, 0], cell[:, 1], cell[:, 2]] & (odd_count > 0)
+    need = (exact.distance <= np.where(odd_count == 0, eps, max(voxel, eps))) | in_uncertain
     exact.abs_winding[need] = np.abs(queries.winding(exact.xyz[need]))
     first_odd = np.argmax(odd, axis=1)
     for k in (1, 2, 3):
