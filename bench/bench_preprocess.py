@@ -1,6 +1,7 @@
 """Preprocessing benchmark: seconds per mesh for the watertight conversion at 256^3 and 512^3 on the
-bundled real meshes, the whole per-mesh pipeline at the default config, and the ratio against a
-dense-grid baseline measured in the same run.
+bundled real meshes, the whole per-mesh pipeline at the default config (``--full``: CPU seconds of
+one core, the share of it spent on the quality record, the watertight method chosen), and the ratio
+against a dense-grid baseline measured in the same run.
 
 Dense baseline = the same signed field with the unsigned distance (igl AABB) and the winding number
 computed at EVERY grid point, then the same marching cubes. Running it in full takes many minutes
@@ -85,7 +86,9 @@ def run_rows(name: str, mesh: trimesh.Trimesh, args, path: Path | None) -> dict:
         row["dense_est_small"] = dense_estimate(mesh, args.dense_full_at, args.dense_sample, 0.0)
     if args.full and path is not None:
         task = MeshTask(str(path), path.name, mesh_id(path.name, file_sha256(path)))
-        _, row["full"] = timed(lambda: process_mesh(task, PreprocessConfig()))
+        sample, row["full"] = timed(lambda: process_mesh(task, PreprocessConfig()))
+        quality = sample["json"]["quality"]
+        row["method"], row["quality_share"] = quality["method"], quality["seconds"] / row["full"]
     return row
 
 
@@ -106,7 +109,7 @@ def main() -> int:
           f"load={os.getloadavg()[0]:.1f}")
     columns = ["mesh", "faces"] + [f"wt{r}" for r in args.resolutions] + ["dense_est", "ratio"]
     columns += ["dense_full_small", "dense_est_small"] if args.dense_full_at else []
-    columns += ["full"] if args.full else []
+    columns += ["full", "quality_share", "method"] if args.full else []
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     rows = []

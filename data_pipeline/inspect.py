@@ -48,6 +48,7 @@ class Summary:
     keys: dict = field(default_factory=lambda: collections.defaultdict(KeyStats))
     samples: int = 0
     preview: list = field(default_factory=list)   # (id, points [P,3], sdf [P])
+    quality: list = field(default_factory=list)   # (source, json "quality" record) of every sample that has one
 
 
 def decode_value(key: str, data: bytes):
@@ -83,6 +84,38 @@ def sample_title(raw: dict) -> str:
     return Path(str(meta.get("source", raw["__key__"]))).name
 
 
+def sample_quality(raw: dict) -> dict | None:
+    try:
+        return json.loads(raw["json"]).get("quality")
+    except (KeyError, ValueError):
+        return None
+
+
+def preview_title(raw: dict) -> str:
+    """Source name, and the watertight method and p95 deviation in voxels where recorded."""
+    title, record = sample_title(raw), sample_quality(raw)
+    if record:
+        title += f"\n{record['method']}, p95 {record['wt_to_input']['p95'] / record['voxel']:.1f} vox"
+    return title
+
+
+def quality_summary(summary: Summary, worst: int = 10) -> list[str]:
+    """The quality records (preprocess json ``quality``), worst p95 watertight -> input first."""
+    if not summary.quality:
+        return ["quality: no sample has a quality record (written before preprocess-3)"]
+    rows = sorted(summary.quality, key=lambda item: -item[1]["wt_to_input"]["p95"] / item[1]["voxel"])
+    methods = collections.Counter(record["method"] for _, record in rows)
+    lines = [f"quality: {len(rows)} samples ({', '.join(f'{n} {m}' for m, n in methods.most_common())}); worst first:",
+             f"  {'source':<32} {'method':<8} {'p95 vox':>7} {'max vox':>7} {'far area':>8} {'in->wt p95':>10} "
+             f"{'area ratio':>10}"]
+    for source, q in rows[:worst]:
+        voxel = q["voxel"]
+        lines.append(f"  {source[:32]:<32} {q['method']:<8} {q['wt_to_input']['p95'] / voxel:>7.2f} "
+                     f"{q['wt_to_input']['max'] / voxel:>7.2f} {q['far_area']:>8.1%} "
+                     f"{q['input_to_wt']['p95'] / voxel:>10.2f} {q['area_ratio']:>10.2f}")
+    return lines
+
+
 def scan(source: str, num_preview: int) -> Summary:
     shards = resolve_source(source)
     plan = Plan(shards, task="inspect", options=None, batch_size=1, mode="eval", seed=0, rank=0, world_size=1,
@@ -101,8 +134,10 @@ def scan(source: str, num_preview: int) -> Summary:
                     summary.keys[key].add(key, value)
                 else:
                     summary.keys[key].present += 1
+            if (record := sample_quality(raw)) is not None:
+                summary.quality.append((sample_title(raw), record))
             if len(summary.preview) < num_preview and (pts := preview_points(raw, rng)) is not None:
-                summary.preview.append((sample_title(raw), *pts))
+                summary.preview.append((preview_title(raw), *pts))
         error = events[0][2] if events else ""
         summary.shards.append((shard.url, count, shard.num_samples, error))
         summary.samples += count
@@ -131,7 +166,7 @@ def write_preview(summary: Summary, out: str) -> None:
         ax = fig.add_subplot(1, count, i + 1, projection="3d")
         limit = 0.05  # colour saturates beyond: the interesting part is near the surface
         art = ax.scatter(*points.T, c=np.clip(sdf, -limit, limit), cmap="coolwarm", s=1, vmin=-limit, vmax=limit)
-        ax.set_title(title[:32], fontsize=9)
+        ax.set_title("\n".join(line[:32] for line in title.splitlines()), fontsize=9)
         ax.set_xlim(-1.05, 1.05), ax.set_ylim(-1.05, 1.05), ax.set_zlim(-1.05, 1.05)
         fig.colorbar(art, ax=ax, shrink=0.6, label="SDF (blue inside)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

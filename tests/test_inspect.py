@@ -22,6 +22,10 @@ def test_inspect_reports_counts_keys_failures_and_writes_a_preview(loader_shards
     low, high = (float(v) for v in surface.split("[")[1].rstrip("]").split(","))
     assert -0.96 <= low < 0 < high <= 0.96  # dequantised: the longest side spans [-0.95, 0.95]
     assert "failures.jsonl: 1 rejected inputs" in text
+    lines = text.splitlines()
+    head = next(i for i, l in enumerate(lines) if l.startswith(f"quality: {total} samples"))
+    p95 = [float(l.split()[2]) for l in lines[head + 2:head + 2 + min(total, 10)]]
+    assert p95 == sorted(p95, reverse=True) and 0 < p95[0] <= 2.0     # worst first, all within the gate
     assert text.strip().splitlines()[-1] == f"preview: {out.resolve()}"
     image = matplotlib.image.imread(out)
     assert image.shape[0] > 100 and image.shape[1] > 3 * image.shape[0] // 2  # three panels side by side

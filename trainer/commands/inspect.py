@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data_pipeline.inspect import failures_summary, report, scan, write_preview
+from data_pipeline.inspect import failures_summary, quality_summary, report, scan, write_preview
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     summary = scan(args.source, args.num_preview)
     lines, problems = report(summary)
+    lines += quality_summary(summary)
     if Path(args.source).is_dir():
         lines += failures_summary(args.source)
     print("\n".join(lines))
