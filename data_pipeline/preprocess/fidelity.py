@@ -20,8 +20,8 @@ import trimesh
 
 from data_pipeline.preprocess.config import DeviationGate, PreprocessConfig
 from data_pipeline.preprocess.sdf import SdfLabeller
-from data_pipeline.preprocess.watertight import (MeshQueries, WatertightError,
-                                                 WatertightResult, make_watertight)
+from data_pipeline.preprocess.watertight import (MeshQueries, WatertightError, WatertightResult, make_watertight,
+                                                 signed_volume)
 
 METHODS = ("winding", "shell")   # winding-number solid first; the eps-shell where that is not faithful
 
@@ -72,7 +72,7 @@ def quality_record(original: trimesh.Trimesh, watertight: trimesh.Trimesh, queri
         "input_to_wt": _percentiles(to_wt),
         "far_area": float(np.mean(to_input > gate.far_voxels * voxel)),
         "area_ratio": area / max(float(original.area), 1e-30),
-        "volume_over_area_voxels": float(watertight.volume) / area / voxel,
+        "volume_over_area_voxels": signed_volume(watertight) / area / voxel,
         "seconds": round(time.process_time() - start, 4),
     }
 

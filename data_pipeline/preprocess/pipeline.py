@@ -19,6 +19,7 @@ from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.preprocess.sampling import (fps_first, fps_order, near_queries, sample_sharp, sample_surface,
                                     volume_queries)
 from data_pipeline.preprocess.fidelity import faithful_watertight
+from data_pipeline.preprocess.watertight import signed_volume
 
 PIPELINE_VERSION = "preprocess-3"  # 2: points stored FPS order first; 3: max_deviation gate, quality record
 WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
@@ -70,7 +71,8 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
     s = cfg.sampling
     rng = np.random.default_rng([cfg.seed, int(task.mesh_id[:15], 16)])
     surface, surface_normal = sample_surface(watertight, s.surface_points, rng)
-    sharp, sharp_normal = sample_sharp(normalised.mesh, watertight, s.sharp_angle_deg, s.sharp_points, rng)
+    sharp, sharp_normal = sample_sharp(normalised.mesh, watertight, s.sharp_angle_deg, s.sharp_points, rng,
+                                       closest=labeller.closest)
     clock.lap("surface")
     surface_fps = fps_order(surface, s.surface_fps_points, s.fps_bucket_height)
     sharp_fps = fps_order(sharp, s.sharp_fps_points, s.fps_bucket_height)
@@ -126,7 +128,7 @@ def _metadata(task, sha, normalised, raw, watertight, result, cfg, sample, timin
         "input": {"vertices": int(len(raw.vertices)), "faces": int(len(raw.faces))},
         "watertight": {"method": result.grid.method, "method_detail": WATERTIGHT_METHODS[result.grid.method],
                        "ambiguous_volume": result.grid.ambiguous_volume, "resolution": cfg.watertight.resolution,
-                       "faces": int(len(watertight.faces)), "volume": float(watertight.volume),
+                       "faces": int(len(watertight.faces)), "volume": signed_volume(watertight),
                        "band_points": result.grid.band_points,
                        "winding_evaluations": result.grid.winding_evaluations},
         "timings": timings,

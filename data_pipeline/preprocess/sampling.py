@@ -43,9 +43,10 @@ def sharp_edges(mesh: trimesh.Trimesh, angle_deg: float) -> np.ndarray:
 
 
 def sample_sharp(source: trimesh.Trimesh, watertight: trimesh.Trimesh, angle_deg: float, count: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                 rng: np.random.Generator, closest=None) -> tuple[np.ndarray, np.ndarray]:
     """Points on the sharp edges of the (normalised) input, length-weighted, moved to the closest
-    point of the watertight surface, with that surface's normal there. [M, 3] each; M = 0 if none."""
+    point of the watertight surface, with that surface's normal there. [M, 3] each; M = 0 if none.
+    ``closest(xyz) -> (face [n], point [n, 3])`` reuses a search tree of ``watertight`` if given."""
     edges = sharp_edges(source, angle_deg)
     if len(edges) == 0 or count == 0:
         return np.zeros((0, 3)), np.zeros((0, 3))
@@ -53,8 +54,11 @@ def sample_sharp(source: trimesh.Trimesh, watertight: trimesh.Trimesh, angle_deg
     edge = np.minimum(np.searchsorted(np.cumsum(lengths), rng.random(count) * lengths.sum()), len(edges) - 1)
     t = rng.random((count, 1))
     on_edges = edges[edge, 0] * (1 - t) + edges[edge, 1] * t
-    _, face, points = igl.point_mesh_squared_distance(
-        on_edges, np.ascontiguousarray(watertight.vertices), np.ascontiguousarray(watertight.faces, dtype=np.int64))
+    if closest is None:
+        _, face, points = igl.point_mesh_squared_distance(
+            on_edges, np.ascontiguousarray(watertight.vertices), np.ascontiguousarray(watertight.faces, dtype=np.int64))
+    else:
+        face, points = closest(on_edges)
     bary = trimesh.triangles.points_to_barycentric(watertight.vertices[watertight.faces[face]], points)
     return points, interpolated_normals(watertight, face, np.clip(bary, 0, 1))
 

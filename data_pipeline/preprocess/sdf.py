@@ -19,6 +19,19 @@ from data_pipeline.preprocess.watertight import GRID_HALF_EXTENT, SignedGrid
 FACE_INTERIOR_MARGIN = 1e-6   # barycentric margin under which a closest point counts as on an edge
 
 
+MORTON_BITS = 7   # 128^3 cells over the query box for the query order
+
+
+def spatial_order(xyz: np.ndarray) -> np.ndarray:
+    """int64 [n]: argsort of the points [n, 3] along a Morton (Z-order) curve."""
+    cell = np.clip(((xyz + 1.1) / 2.2 * (1 << MORTON_BITS)).astype(np.int64), 0, (1 << MORTON_BITS) - 1)
+    key = np.zeros(len(xyz), dtype=np.int64)
+    for bit in range(MORTON_BITS):
+        for axis in range(3):
+            key |= ((cell[:, axis] >> bit) & 1) << (3 * bit + axis)
+    return np.argsort(key, kind="stable")
+
+
 class SdfLabeller:
     """``labeller(xyz) -> sdf`` for float [n, 3] points in normalised space."""
 
@@ -50,11 +63,21 @@ class SdfLabeller:
         inside[crossed] = self._winding_inside(xyz[crossed])
         return inside > 0.5
 
+    def closest(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Closest watertight face [n] and point [n, 3] (the labeller's tree, not a new one)."""
+        _, face, point = self._exact(np.ascontiguousarray(xyz, dtype=np.float64))
+        return face, point
+
     def _exact(self, xyz: np.ndarray):
         if len(xyz) == 0:
             return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-        sq, face, point = self.tree.squared_distance(self.V, self.F, xyz)
-        return np.sqrt(sq), face, point
+        # Queries in Morton order: consecutive queries visit the same tree nodes (2-3x fewer CPU
+        # seconds than random order for uniform volume queries, same results).
+        order = spatial_order(xyz)
+        sq, face, point = self.tree.squared_distance(self.V, self.F, np.ascontiguousarray(xyz[order]))
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return np.sqrt(sq[back]), face[back], point[back]
 
     def _grid_sign(self, xyz: np.ndarray) -> np.ndarray:
         """float [n]: 1 inside, 0 outside, NaN where the query's grid cell has corners of both signs."""

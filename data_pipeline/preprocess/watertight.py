@@ -400,12 +400,12 @@ def extract_surface(grid: SignedGrid) -> trimesh.Trimesh:
     # process=False: scikit-image already shares vertices, and trimesh's tolerance merge would
     # collapse vertices a hair apart into degenerate, non-manifold faces.
     mesh = trimesh.Trimesh(vertices=verts - GRID_HALF_EXTENT, faces=faces, process=False)
-    if _signed_volume(mesh) < 0:
+    if signed_volume(mesh) < 0:
         mesh.invert()
     return mesh
 
 
-def _signed_volume(mesh: trimesh.Trimesh) -> float:
+def signed_volume(mesh: trimesh.Trimesh) -> float:
     """Divergence-theorem volume (cheaper than trimesh's full mass properties)."""
     a, b, c = (mesh.vertices[mesh.faces[:, k]] for k in range(3))
     return float(np.einsum("ij,ij->", a, np.cross(b, c)) / 6)
