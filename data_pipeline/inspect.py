@@ -106,8 +106,8 @@ def quality_summary(summary: Summary, worst: int = 10) -> list[str]:
     rows = sorted(summary.quality, key=lambda item: -item[1]["wt_to_input"]["p95"] / item[1]["voxel"])
     methods = collections.Counter(record["method"] for _, record in rows)
     lines = [f"quality: {len(rows)} samples ({', '.join(f'{n} {m}' for m, n in methods.most_common())}); worst first:",
-             f"  {'source':<32} {'method':<8} {'p95 vox':>7} {'max vox':>7} {'far area':>8} {'in->wt p95':>10} "
-             f"{'area ratio':>10}"]
+             (f"  {'source':<32} {'method':<8} {'p95 vox':>7} {'max vox':>7} {'far area':>8} {'in->wt p95':>10} "
+              f"{'area ratio':>10}")]
     for source, q in rows[:worst]:
         voxel = q["voxel"]
         lines.append(f"  {source[:32]:<32} {q['method']:<8} {q['wt_to_input']['p95'] / voxel:>7.2f} "
