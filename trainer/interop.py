@@ -525,3 +525,8 @@ def pp_dit_options(cfg: models.DiTConfig) -> dict[str, Any]:
     return {"hidden_dim": cfg.width, "num_heads": cfg.heads, "num_layers": cfg.depth, "latent_dim": cfg.in_channels,
             "use_parts": cfg.part_embed, "qknorm": cfg.qk_norm != "none",
             "qknorm_type": "RMSNorm" if cfg.qk_norm == "rmsnorm" else "LayerNorm"}
+
+
+def meta_of(source: str, anchor_config: dict[str, Any], scale_factor: float | None) -> dict[str, Any]:
+    """The checkpoint-meta entry an imported file carries."""
+    return {META_KEY: {"source": source, "anchor_config": anchor_config, "latent_scale_factor": scale_factor}}
