@@ -19,10 +19,10 @@ Hunyuan3D's fused projections interleave the parts per head, everybody else stac
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
