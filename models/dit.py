@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .config import require, validate_fields
-from .layers import (ActivationCheckpointing, CheckpointedBlocks, DiTBlock, DiTFinalLayer, QKNorm, TimestepEmbedder,
-                     init_linears_xavier, patchify_3d, sincos_pos_embed_3d, unpatchify_3d)
+from .layers import (ActivationCheckpointing, BlockStyle, CheckpointedBlocks, DiTBlock, DiTFinalLayer, QKNorm,
+                     TimestepEmbedder, init_linears_xavier, patchify_3d, sincos_pos_embed_3d, unpatchify_3d)
 
 
 @dataclass
@@ -44,6 +44,15 @@ class DiTConfig:
     null_condition: Literal["learned", "zero"] = "learned"  # tokens mode
     time_scale: float = 1000.0       # t in [0, 1] is multiplied by this before the sinusoid
     checkpoint_every: int = 0        # 0 off, k: checkpoint blocks 0, k, 2k, ...
+    # Only to reproduce released models exactly (trainer/interop.py); defaults are shapeflow's layout.
+    qk_norm_scope: Literal["head", "width"] = "head"
+    gelu: Literal["tanh", "exact"] = "tanh"
+    norm_affine: bool = True         # the cross-attention's pre-norm
+    final_adaln: bool = True         # False: plain LayerNorm + linear output layer (PartPacker)
+    part_embed: bool = False         # a learned vector added to the second half of the tokens (PartPacker parts)
+
+    def style(self) -> BlockStyle:
+        return BlockStyle(self.qk_norm, self.qk_norm_scope, True, self.mlp_ratio, self.gelu, 1e-6, self.norm_affine)
 
     def __post_init__(self):
         validate_fields(self)
@@ -63,6 +72,7 @@ class VoxelDiTConfig(DiTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        require(self, not self.part_embed, "part_embed applies to the VecSet DiT only")
         require(self, self.patch_size > 0 and self.resolution % self.patch_size == 0,
                 f"resolution {self.resolution} must be divisible by patch_size {self.patch_size}")
 
@@ -89,16 +99,15 @@ class DiTTrunk(nn.Module):
             context_dim = cfg.width
             self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.width)  # last row: null class
         self.blocks = CheckpointedBlocks(
-            (DiTBlock(cfg.width, cfg.heads, context_dim, cfg.qk_norm, cfg.mlp_ratio) for _ in range(cfg.depth)),
-            cfg.checkpoint_every)
-        self.final = DiTFinalLayer(cfg.width, out_dim)
+            (DiTBlock(cfg.width, cfg.heads, context_dim, cfg.style()) for _ in range(cfg.depth)), cfg.checkpoint_every)
+        self.final = DiTFinalLayer(cfg.width, out_dim, cfg.final_adaln)
 
     def zero_init(self) -> None:
         """Zero adaLN modulations and the output projection (after the generic init)."""
         for block in self.blocks.blocks:
             nn.init.zeros_(block.adaLN[1].weight)
             nn.init.zeros_(block.adaLN[1].bias)
-        for layer in (self.final.adaLN[1], self.final.linear):
+        for layer in self.final.zero_init_layers():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -174,6 +183,8 @@ class VecSetDiT(_DiTBase):
         super().__init__()
         self.config = cfg
         self.proj_in = nn.Linear(cfg.in_channels, cfg.width)
+        # PartPacker marks the second part's tokens [N/2:] with one learned vector [W]
+        self.part_embed = nn.Parameter(torch.randn(cfg.width) / cfg.width**0.5) if cfg.part_embed else None
         self.trunk = DiTTrunk(cfg, out_dim=cfg.in_channels)
         self._init_weights()
 
@@ -182,7 +193,11 @@ class VecSetDiT(_DiTBase):
         velocity [B, N, C]. cond=None uses the null condition."""
         if x.ndim != 3 or x.shape[-1] != self.config.in_channels:
             raise ValueError(f"VecSet DiT expects latents [B, N, {self.config.in_channels}], got {tuple(x.shape)}")
-        return self.trunk(self.proj_in(x), t, cond)
+        tokens = self.proj_in(x)
+        if self.part_embed is not None:
+            half = tokens.shape[1] // 2
+            tokens = torch.cat([tokens[:, :half], tokens[:, half:] + self.part_embed], dim=1)
+        return self.trunk(tokens, t, cond)
 
 
 # ---------------------------------------------------------------------------

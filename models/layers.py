@@ -10,6 +10,7 @@ Shape letters: B batch, N/L token counts, C channels, D/H/W grid sizes, r factor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import torch
@@ -18,6 +19,30 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 QKNorm = Literal["none", "layernorm", "rmsnorm"]
+
+
+@dataclass(frozen=True)
+class BlockStyle:
+    """How the transformer blocks are built. The defaults are shapeflow's own layout; the other
+    values exist to reproduce released models exactly (trainer/interop.py, docs/finetune.md).
+
+    qk_norm_scope: "head" normalises each head's q/k over head_dim (affine); "width" normalises
+        q/k over all heads at once before the head split (PartPacker; LayerNorm then follows
+        ``norm_affine``, RMSNorm always has a weight).
+    qkv_bias: bias on the q/k/v projections (the output projection always has one).
+    gelu: "tanh" (approximate) or "exact" (erf) GELU in the MLPs.
+    norm_eps, norm_affine: the pre-norm LayerNorms inside the blocks (not the VAE's output norms).
+    """
+    qk_norm: QKNorm = "layernorm"
+    qk_norm_scope: Literal["head", "width"] = "head"
+    qkv_bias: bool = True
+    mlp_ratio: float = 4.0
+    gelu: Literal["tanh", "exact"] = "tanh"
+    norm_eps: float = 1e-5
+    norm_affine: bool = True
+
+    def norm(self, width: int) -> nn.LayerNorm:
+        return nn.LayerNorm(width, eps=self.norm_eps, elementwise_affine=self.norm_affine)
 
 
 # ---------------------------------------------------------------------------
@@ -70,11 +95,13 @@ def unpatchify_3d(tokens: torch.Tensor, patch: int, grid: tuple[int, int, int]) 
 # ---------------------------------------------------------------------------
 
 class FourierEmbedder(nn.Module):
-    """xyz [..., 3] -> [..., 3 + 6*num_freqs]: the input plus sin/cos at frequencies pi*2^k."""
+    """xyz [..., 3] -> [..., 3 + 6*num_freqs]: the input plus sin/cos at frequencies pi*2^k
+    (2^k with include_pi=False, as Hunyuan3D-2.1 and PartPacker's releases), laid out as
+    [x, y, z, sin(x f0..fF-1), sin(y ...), sin(z ...), cos(...)]."""
 
-    def __init__(self, num_freqs: int = 8):
+    def __init__(self, num_freqs: int = 8, include_pi: bool = True):
         super().__init__()
-        freqs = math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32)
+        freqs = (math.pi if include_pi else 1.0) * 2.0 ** torch.arange(num_freqs, dtype=torch.float32)
         self.register_buffer("freqs", freqs, persistent=False)
         self.out_dim = 3 + 6 * num_freqs
 
@@ -181,11 +208,11 @@ def init_posterior_head(layer: nn.Module, logvar: float = POSTERIOR_INIT_LOGVAR)
 # Attention and MLP
 # ---------------------------------------------------------------------------
 
-def make_qk_norm(kind: QKNorm, head_dim: int) -> nn.Module:
+def make_qk_norm(kind: QKNorm, dim: int, affine: bool = True) -> nn.Module:
     if kind == "layernorm":
-        return nn.LayerNorm(head_dim, eps=1e-6)
+        return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=affine)
     if kind == "rmsnorm":
-        return nn.RMSNorm(head_dim, eps=1e-6)
+        return nn.RMSNorm(dim, eps=1e-6)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown qk_norm {kind!r} (valid: none, layernorm, rmsnorm)")
@@ -199,17 +226,21 @@ class Attention(nn.Module):
     head_dim) before the dot product, which keeps large-width training stable in bf16.
     """
 
-    def __init__(self, width: int, heads: int, context_dim: int | None = None, qk_norm: QKNorm = "none"):
+    def __init__(self, width: int, heads: int, context_dim: int | None = None, qk_norm: QKNorm = "none",
+                 style: BlockStyle | None = None):
         super().__init__()
         if width % heads:
             raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        style = style or BlockStyle()
         self.heads = heads
         self.head_dim = width // heads
         self.is_cross = context_dim is not None
-        self.to_q = nn.Linear(width, width)
-        self.to_kv = nn.Linear(context_dim if self.is_cross else width, 2 * width)
-        self.q_norm = make_qk_norm(qk_norm, self.head_dim)
-        self.k_norm = make_qk_norm(qk_norm, self.head_dim)
+        self.norm_width = style.qk_norm_scope == "width"
+        self.to_q = nn.Linear(width, width, bias=style.qkv_bias)
+        self.to_kv = nn.Linear(context_dim if self.is_cross else width, 2 * width, bias=style.qkv_bias)
+        norm_dim, affine = (width, style.norm_affine) if self.norm_width else (self.head_dim, True)
+        self.q_norm = make_qk_norm(qk_norm, norm_dim, affine)
+        self.k_norm = make_qk_norm(qk_norm, norm_dim, affine)
         self.proj = nn.Linear(width, width)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,19 +248,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         source = context if self.is_cross else x
-        q = self.q_norm(self._split_heads(self.to_q(x)))
+        q = self.to_q(x)
         k, v = self.to_kv(source).chunk(2, dim=-1)
-        k = self.k_norm(self._split_heads(k))
+        if self.norm_width:   # over all heads' channels [B, N, W], before the head split
+            q, k = self._split_heads(self.q_norm(q)), self._split_heads(self.k_norm(k))
+        else:                 # per head [B, h, N, hd]
+            q, k = self.q_norm(self._split_heads(q)), self.k_norm(self._split_heads(k))
         out = F.scaled_dot_product_attention(q, k, self._split_heads(v))
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, mlp_ratio: float = 4.0, gelu: Literal["tanh", "exact"] = "tanh"):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,16 +282,31 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class SelfAttentionBlock(nn.Module):
     """Pre-norm self-attention + MLP (the VAE's latent transformer)."""
 
-    def __init__(self, width: int, heads: int, qk_norm: QKNorm = "layernorm", mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, style: BlockStyle = BlockStyle()):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, mlp_ratio)
+        self.norm1 = style.norm(width)
+        self.attn = Attention(width, heads, qk_norm=style.qk_norm, style=style)
+        self.norm2 = style.norm(width)
+        self.mlp = Mlp(width, style.mlp_ratio, style.gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+class SummedBlocks(nn.Module):
+    """Blocks that each see the same input and one context; their outputs are summed:
+    x [B, N, W] -> sum_i block_i(x, context_i). PartPacker's "dual" encoder runs two complete
+    cross-attention blocks (uniform and sharp points) this way, residual and MLP included."""
+
+    def __init__(self, blocks: Iterable[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, *contexts: torch.Tensor) -> torch.Tensor:
+        if len(contexts) != len(self.blocks):
+            raise ValueError(f"summed blocks expect {len(self.blocks)} contexts, got {len(contexts)}")
+        return sum(block(x, context) for block, context in zip(self.blocks, contexts))
 
 
 class CrossAttentionBlock(nn.Module):
@@ -265,15 +314,14 @@ class CrossAttentionBlock(nn.Module):
     sides); the attention outputs of the contexts are summed ("dual" cross-attention when
     num_contexts = 2, as in Dora), then an MLP."""
 
-    def __init__(self, width: int, heads: int, qk_norm: QKNorm = "layernorm", mlp_ratio: float = 4.0,
-                 num_contexts: int = 1):
+    def __init__(self, width: int, heads: int, style: BlockStyle = BlockStyle(), num_contexts: int = 1):
         super().__init__()
-        self.norm_q = nn.LayerNorm(width)
-        self.norm_contexts = nn.ModuleList(nn.LayerNorm(width) for _ in range(num_contexts))
+        self.norm_q = style.norm(width)
+        self.norm_contexts = nn.ModuleList(style.norm(width) for _ in range(num_contexts))
         self.attns = nn.ModuleList(
-            Attention(width, heads, context_dim=width, qk_norm=qk_norm) for _ in range(num_contexts))
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, mlp_ratio)
+            Attention(width, heads, context_dim=width, qk_norm=style.qk_norm, style=style) for _ in range(num_contexts))
+        self.norm2 = style.norm(width)
+        self.mlp = Mlp(width, style.mlp_ratio, style.gelu)
 
     def forward(self, x: torch.Tensor, *contexts: torch.Tensor) -> torch.Tensor:
         if len(contexts) != len(self.attns):
@@ -289,14 +337,15 @@ class DiTBlock(nn.Module):
     [B, L, context_dim], adaLN-modulated MLP. The modulation is zero-initialised, so a
     fresh block is the identity (gates are 0)."""
 
-    def __init__(self, width: int, heads: int, context_dim: int | None, qk_norm: QKNorm, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, context_dim: int | None, style: BlockStyle):
         super().__init__()
+        # the adaLN-modulated norms are always non-affine with eps 1e-6 (the modulation is the affine)
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads, qk_norm=qk_norm)
-        self.cross_norm = nn.LayerNorm(width, eps=1e-6) if context_dim else None
-        self.cross_attn = Attention(width, heads, context_dim, qk_norm) if context_dim else None
+        self.attn = Attention(width, heads, qk_norm=style.qk_norm, style=style)
+        self.cross_norm = style.norm(width) if context_dim else None
+        self.cross_attn = Attention(width, heads, context_dim, style.qk_norm, style) if context_dim else None
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, mlp_ratio)
+        self.mlp = Mlp(width, style.mlp_ratio, style.gelu)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         nn.init.zeros_(self.adaLN[1].weight)
         nn.init.zeros_(self.adaLN[1].bias)
@@ -310,18 +359,24 @@ class DiTBlock(nn.Module):
 
 
 class DiTFinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm + linear to the output channels, all zero-initialised."""
+    """adaLN-modulated LayerNorm + linear to the output channels, all zero-initialised
+    (adaln=False: a plain LayerNorm + linear, PartPacker's output layer)."""
 
-    def __init__(self, width: int, out_dim: int):
+    def __init__(self, width: int, out_dim: int, adaln: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)) if adaln else None
         self.linear = nn.Linear(width, out_dim)
-        for layer in (self.adaLN[1], self.linear):
+        for layer in self.zero_init_layers():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def zero_init_layers(self) -> list[nn.Linear]:
+        return [self.linear] + ([self.adaLN[1]] if self.adaLN is not None else [])
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.adaLN is None:
+            return self.linear(self.norm(x))
         shift, scale = self.adaLN(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 

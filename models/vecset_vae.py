@@ -10,11 +10,16 @@ The value is an SDF (or TSDF, or occupancy logit): the network outputs a raw sca
 and the loss decides what it means. K is not fixed: any prefix of an FPS order is a valid
 FPS subset, so training can cut the token count at random and the same weights work.
 
-Sharp-edge points (Dora) come in two modes:
+Sharp-edge points (Dora) come in three modes:
 - ``concat``: one cross-attention whose context is uniform + sharp points; a learned flag
-  embedding marks sharp points (PartPacker, Hunyuan3D-2.1).
-- ``dual``: two cross-attentions (uniform context, sharp context) whose outputs are summed.
-In both modes the query tokens are the uniform FPS prefix followed by the sharp FPS prefix.
+  embedding marks sharp points (Hunyuan3D-2.1's sharp-edge label channel).
+- ``dual``: two cross-attentions (uniform context, sharp context) in one block, outputs summed.
+- ``dual_blocks``: two complete cross-attention blocks (residual + MLP each), outputs summed
+  (PartPacker's released VAE).
+In all modes the query tokens are the uniform FPS prefix followed by the sharp FPS prefix.
+
+The fields after ``checkpoint_every`` only exist to reproduce released models exactly
+(trainer/interop.py imports them); their defaults are shapeflow's own layout.
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ import torch
 from torch import nn
 
 from .config import require, validate_fields
-from .layers import (ActivationCheckpointing, CheckpointedBlocks, CrossAttentionBlock, DiagonalGaussian,
-                     FourierEmbedder, QKNorm, SelfAttentionBlock, init_linears_xavier, init_posterior_head)
+from .layers import (ActivationCheckpointing, BlockStyle, CheckpointedBlocks, CrossAttentionBlock, DiagonalGaussian,
+                     FourierEmbedder, QKNorm, SelfAttentionBlock, SummedBlocks, init_linears_xavier,
+                     init_posterior_head)
 
 
 @dataclass
@@ -36,7 +42,7 @@ class VecSetVAEConfig:
     latent_channels: int = 64
     num_latents: int = 2048          # uniform FPS query tokens used when encode() gets no count
     num_sharp_latents: int = 2048    # sharp-edge FPS query tokens (0: the model ignores sharp points)
-    sharp_mode: Literal["concat", "dual"] = "concat"
+    sharp_mode: Literal["concat", "dual", "dual_blocks"] = "concat"
     encoder_layers: int = 0          # self-attention layers after the encoder cross-attention
     decoder_layers: int = 24
     fourier_freqs: int = 8
@@ -44,6 +50,17 @@ class VecSetVAEConfig:
     qk_norm: QKNorm = "layernorm"
     mlp_ratio: float = 4.0
     checkpoint_every: int = 0        # 0 off, k: checkpoint blocks 0, k, 2k, ...
+    fourier_include_pi: bool = True  # frequencies pi*2^k (False: 2^k)
+    sharp_flag: bool = True          # learned embedding added to sharp-point tokens
+    qk_norm_scope: Literal["head", "width"] = "head"
+    qkv_bias: bool = True
+    gelu: Literal["tanh", "exact"] = "tanh"
+    norm_eps: float = 1e-5           # pre-norm LayerNorms inside the blocks
+    norm_affine: bool = True
+
+    def style(self) -> BlockStyle:
+        return BlockStyle(self.qk_norm, self.qk_norm_scope, self.qkv_bias, self.mlp_ratio, self.gelu,
+                          self.norm_eps, self.norm_affine)
 
     def __post_init__(self):
         validate_fields(self)
@@ -73,9 +90,9 @@ class PointEmbedder(nn.Module):
     def __init__(self, cfg: VecSetVAEConfig):
         super().__init__()
         self.use_normals = cfg.use_normals
-        self.fourier = FourierEmbedder(cfg.fourier_freqs)
+        self.fourier = FourierEmbedder(cfg.fourier_freqs, cfg.fourier_include_pi)
         self.proj = nn.Linear(self.fourier.out_dim + (3 if cfg.use_normals else 0), cfg.width)
-        self.sharp_flag = nn.Embedding(2, cfg.width)
+        self.sharp_flag = nn.Embedding(2, cfg.width) if cfg.sharp_flag else None
 
     def forward(self, xyz: torch.Tensor, normals: torch.Tensor | None, sharp: bool) -> torch.Tensor:
         features = self.fourier(xyz)
@@ -84,7 +101,7 @@ class PointEmbedder(nn.Module):
                 raise ValueError("this VecSet VAE uses normals (use_normals=true) but none were given")
             features = torch.cat([features, normals.float()], dim=-1)
         tokens = self.proj(features.to(self.proj.weight.dtype))
-        return tokens + self.sharp_flag.weight[int(sharp)]
+        return tokens if self.sharp_flag is None else tokens + self.sharp_flag.weight[int(sharp)]
 
 
 class VecSetEncoder(nn.Module):
@@ -92,13 +109,17 @@ class VecSetEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = PointEmbedder(cfg)
-        num_contexts = 2 if cfg.sharp_mode == "dual" and cfg.num_sharp_latents > 0 else 1
+        style = cfg.style()
+        two = cfg.sharp_mode != "concat" and cfg.num_sharp_latents > 0
+        if two and cfg.sharp_mode == "dual_blocks":
+            cross = SummedBlocks(CrossAttentionBlock(cfg.width, cfg.heads, style) for _ in range(2))
+        else:
+            cross = CrossAttentionBlock(cfg.width, cfg.heads, style, num_contexts=2 if two else 1)
+        self.num_contexts = 2 if two else 1
         # a one-block CheckpointedBlocks, so checkpointing also covers the point cross-attention
-        self.cross = CheckpointedBlocks(
-            [CrossAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio, num_contexts)], cfg.checkpoint_every)
+        self.cross = CheckpointedBlocks([cross], cfg.checkpoint_every)
         self.layers = CheckpointedBlocks(
-            (SelfAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio) for _ in range(cfg.encoder_layers)),
-            cfg.checkpoint_every)
+            (SelfAttentionBlock(cfg.width, cfg.heads, style) for _ in range(cfg.encoder_layers)), cfg.checkpoint_every)
         self.norm_out = nn.LayerNorm(cfg.width)
         self.to_moments = nn.Linear(cfg.width, 2 * cfg.latent_channels)
 
@@ -115,8 +136,8 @@ class VecSetEncoder(nn.Module):
                 contexts = [torch.cat([uniform, sharp], dim=1)]
             else:
                 contexts.append(sharp)
-        elif len(self.cross.blocks[0].attns) == 2:
-            # dual mode without sharp points: the sharp branch attends to the uniform points
+        elif self.num_contexts == 2:
+            # dual modes without sharp points: the sharp branch attends to the uniform points
             contexts.append(uniform)
         x = self.layers(self.cross(queries, *contexts))                   # [B, K, W]
         return DiagonalGaussian.from_moments(self.to_moments(self.norm_out(x)), dim=-1)
@@ -131,7 +152,7 @@ class VecSetDecoder(nn.Module):
         super().__init__()
         self.proj_in = nn.Linear(cfg.latent_channels, cfg.width)
         self.layers = CheckpointedBlocks(
-            (SelfAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio) for _ in range(cfg.decoder_layers)),
+            (SelfAttentionBlock(cfg.width, cfg.heads, cfg.style()) for _ in range(cfg.decoder_layers)),
             cfg.checkpoint_every)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
@@ -143,10 +164,9 @@ class QueryHead(nn.Module):
 
     def __init__(self, cfg: VecSetVAEConfig):
         super().__init__()
-        self.fourier = FourierEmbedder(cfg.fourier_freqs)
+        self.fourier = FourierEmbedder(cfg.fourier_freqs, cfg.fourier_include_pi)
         self.proj = nn.Linear(self.fourier.out_dim, cfg.width)
-        self.cross = CheckpointedBlocks([CrossAttentionBlock(cfg.width, cfg.heads, cfg.qk_norm, cfg.mlp_ratio)],
-                                        cfg.checkpoint_every)
+        self.cross = CheckpointedBlocks([CrossAttentionBlock(cfg.width, cfg.heads, cfg.style())], cfg.checkpoint_every)
         self.norm_out = nn.LayerNorm(cfg.width)
         self.out = nn.Linear(cfg.width, 1)
 

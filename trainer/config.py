@@ -20,6 +20,8 @@ class ModelConfig:
     name: str = "vecset_vae/debug"                          # a preset of models.presets()
     overrides: dict[str, Any] = field(default_factory=dict)  # keyword overrides for models.build
     activation_checkpointing: int = 0   # 0 off, k: checkpoint every k-th block (model.set_activation_checkpointing)
+    init_from: str = ""                 # start from these weights (checkpoint, export or `shapeflow import` file):
+                                        # its architecture, weights only, fresh optimizer (docs/finetune.md)
 
 
 @dataclass
@@ -76,7 +78,7 @@ class EmaConfig:
 @dataclass
 class VaeSourceConfig:
     """Where the DiT gets its latents."""
-    checkpoint: str = ""                # VAE checkpoint directory (trained by `shapeflow train` with task=vae)
+    checkpoint: str = ""                # VAE checkpoint directory, or an export / `shapeflow import` .safetensors file
     latents: Literal["mode", "sample", "cached"] = "mode"    # cached: read latents stored in the shards
     scale_factor: float | None = None   # None: measured from data at the start (1 / std) and stored
     scale_batches: int = 4              # batches used to measure the scale factor
@@ -176,6 +178,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.run.resume in ("auto", "never") or Path(cfg.run.resume).is_dir(), "run.resume",
              f"must be auto, never or an existing checkpoint directory, got {cfg.run.resume!r}")
     _require(cfg.model.activation_checkpointing >= 0, "model.activation_checkpointing", "must be >= 0")
+    _require(not cfg.model.init_from or Path(cfg.model.init_from).exists(), "model.init_from",
+             f"{cfg.model.init_from} does not exist")
     _require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     _require(cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
     _require(cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 disables)")
@@ -188,8 +192,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _require(cfg.vae.latents == "cached" or bool(cfg.vae.checkpoint), "vae.checkpoint",
                  "is required for task=dit (or set vae.latents=cached)")
         if cfg.vae.checkpoint:
-            _require(Path(cfg.vae.checkpoint).is_dir(), "vae.checkpoint",
-                     f"{cfg.vae.checkpoint} is not a checkpoint directory")
+            _require(Path(cfg.vae.checkpoint).is_dir() or Path(cfg.vae.checkpoint).suffix == ".safetensors"
+                     and Path(cfg.vae.checkpoint).is_file(), "vae.checkpoint",
+                     f"{cfg.vae.checkpoint} is neither a checkpoint directory nor a .safetensors file")
         _require(cfg.condition.kind != "class" or cfg.condition.num_classes > 0, "condition.num_classes",
                  "must be > 0 for condition.kind=class")
         _require(cfg.condition.kind != "image" or bool(cfg.condition.image_encoder), "condition.image_encoder",

@@ -48,23 +48,55 @@ def read_exported(path: Path) -> tuple[dict[str, Tensor], TrainConfig, dict[str,
     return load_file(str(path)), cfg, json.loads(header["shapeflow_meta"])
 
 
-def load_network(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
-    """(network in eval mode, its training config, the checkpoint's meta) from a complete checkpoint
-    directory (any strategy) or a `shapeflow export` safetensors file (whose weights were chosen at export)."""
+def resolve_network_path(path: Path) -> Path:
+    """A step directory or .safetensors file as given; a run directory -> its latest complete checkpoint."""
     path = Path(path)
+    if path.is_dir() and ckpt.read_meta(path) is None and (path / "checkpoints").is_dir():
+        found = ckpt.latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"{path}: a run directory without a complete checkpoint")
+        return found
+    return path
+
+
+def read_network(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], TrainConfig, dict[str, Any]]:
+    """(weights, training config, meta) of a step directory (any strategy), a run directory (its latest
+    checkpoint), or a `shapeflow export` / `shapeflow import` safetensors file (weights chosen when written)."""
+    path = resolve_network_path(Path(path))
     if path.is_file() and path.suffix == ".safetensors":
-        state, cfg, meta = read_exported(path)
-    else:
-        meta = ckpt.read_meta(path)
-        if meta is None:
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no valid {ckpt.META}) "
-                                    "nor a .safetensors file from `shapeflow export`")
-        cfg = load_config(TrainConfig, path / "config.yaml")
-        state = ckpt.network_state(path, use_ema, meta)
-    overrides = (meta.get("derived") or {}).get("model_overrides") or cfg.model.overrides
-    net = models.build(cfg.model.name, **overrides)
+        return read_exported(path)
+    meta = ckpt.read_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no valid {ckpt.META}), a run directory, "
+                                "nor a .safetensors file from `shapeflow export` / `shapeflow import`")
+    return ckpt.network_state(path, use_ema, meta), load_config(TrainConfig, path / "config.yaml"), meta
+
+
+def network_spec(cfg: TrainConfig, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(model preset name, overrides) that rebuild the network a checkpoint holds."""
+    return cfg.model.name, dict((meta.get("derived") or {}).get("model_overrides") or cfg.model.overrides)
+
+
+def load_network(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """(network in eval mode, its training config, the checkpoint's meta) from any form read_network reads."""
+    state, cfg, meta = read_network(path, use_ema)
+    name, overrides = network_spec(cfg, meta)
+    net = models.build(name, **overrides)
     net.load_state_dict(state)
     return net.eval(), cfg, meta
+
+
+def latent_scale_factor(path: str | Path) -> float | None:
+    """The latent scale factor an imported release carries (Hunyuan3D-2.1: 1.0039..., PartPacker: 1), else None."""
+    path = resolve_network_path(Path(path))
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("shapeflow_meta", "{}"))
+    else:
+        meta = ckpt.read_meta(path) or {}
+    return (meta.get("interop") or {}).get("latent_scale_factor")
 
 
 def load_frozen_vae(checkpoint: str | Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, TrainConfig]:

@@ -30,7 +30,8 @@ from data_pipeline.typed_config import ConfigError
 
 from trainer import objectives as obj
 from trainer.config import TrainConfig
-from trainer.inference import as_sdf, batch_condition, encode, load_frozen_vae, vae_num_surface
+from trainer.inference import (as_sdf, batch_condition, encode, latent_scale_factor, load_frozen_vae, network_spec,
+                               read_network, vae_num_surface)
 
 
 class BatchRandom:
@@ -89,6 +90,28 @@ def build_network(name: str, overrides: dict[str, Any], checkpoint_every: int = 
     if checkpoint_every:
         net.set_activation_checkpointing(checkpoint_every)
     return net
+
+
+def apply_init_from(cfg: TrainConfig) -> None:
+    """model.init_from=FILE: the network's architecture is the file's (name + overrides, e.g. an
+    imported release), ``model.overrides`` on top. Weights load in init_weights."""
+    if not cfg.model.init_from:
+        return
+    _, file_cfg, meta = read_network(cfg.model.init_from)
+    name, overrides = network_spec(file_cfg, meta)
+    if family(name) != family(cfg.model.name):
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} holds a {name}, but model.name is {cfg.model.name}")
+    cfg.model.name, cfg.model.overrides = name, {**overrides, **cfg.model.overrides}
+
+
+def init_weights(net: nn.Module, cfg: TrainConfig) -> None:
+    """Weights only (the optimizer starts fresh) from model.init_from; a resumed run overwrites them."""
+    if not cfg.model.init_from:
+        return
+    missing, unexpected = net.load_state_dict(read_network(cfg.model.init_from)[0], strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} does not fit {cfg.model.name} "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -161,6 +184,7 @@ class VaeTask:
             raise ConfigError(f"model.name: task=vae needs a vecset_vae/* or voxel_vae/* model, got {cfg.model.name}")
         self.cfg = cfg
         self.net = build_network(cfg.model.name, cfg.model.overrides, cfg.model.activation_checkpointing)
+        init_weights(self.net, cfg)
         self.objective = VaeObjective(self.net, cfg)
         self.voxel = self.objective.voxel
         if self.voxel and cfg.vae_loss.kind != "occupancy":
@@ -227,6 +251,8 @@ class DitTask:
         if self.vae is not None and self.voxel != isinstance(self.vae, models.VoxelVAE):
             raise ConfigError(f"vae.checkpoint: a {cfg.model.name} needs a {'voxel' if self.voxel else 'vecset'} VAE")
         self.scale_factor: float | None = cfg.vae.scale_factor
+        if self.scale_factor is None and cfg.vae.checkpoint:   # an imported release carries its anchor's scale
+            self.scale_factor = latent_scale_factor(cfg.vae.checkpoint)
         self.model_overrides: dict[str, Any] | None = None
         self.latent_shape: list[int] | None = None   # one sample's latent shape (what the sampler draws)
         self.net: nn.Module | None = None
@@ -293,6 +319,7 @@ class DitTask:
 
     def _build(self) -> None:
         self.net = build_network(self.cfg.model.name, self.model_overrides, self.cfg.model.activation_checkpointing)
+        init_weights(self.net, self.cfg)
         self.objective = DitObjective(self.net)
 
     def derived(self) -> dict[str, Any]:
@@ -322,6 +349,7 @@ class DitTask:
 
 
 def make_task(cfg: TrainConfig, device: torch.device) -> Task:
+    apply_init_from(cfg)
     return VaeTask(cfg) if cfg.task == "vae" else DitTask(cfg, device)
 
 

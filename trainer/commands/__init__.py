@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("trainer.commands.sample", "sample meshes from a DiT checkpoint"),
     "eval": ("trainer.commands.eval", "VAE reconstruction metrics on a shard set"),
     "export": ("trainer.commands.export", "consolidate a (sharded) checkpoint into one safetensors file"),
+    "import": ("trainer.commands.import_", "a released model (Hunyuan3D-2.1 VAE, PartPacker VAE/DiT) as a shapeflow file"),
     "demo": ("trainer.commands.demo", "run the whole pipeline on the bundled meshes"),
 }
 
