@@ -29,11 +29,19 @@ class EMA:
         self.params = [p for _, p in pairs]
         self.shadow = [local(p).detach().float().clone() for p in self.params]
 
+    def decay_at(self, num_updates: int | None) -> float:
+        """The warm-up decay min(decay, (1 + n) / (10 + n)) for the n-th update (n from 1), so the
+        random initial weights fade in the first few thousand steps instead of ~1 / (1 - decay).
+        ``None``: the plain configured decay. n is the optimiser step, so a resumed run continues the ramp."""
+        if num_updates is None:
+            return self.decay
+        return min(self.decay, (1.0 + num_updates) / (10.0 + num_updates))
+
     @torch.no_grad()
-    def update(self) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param."""
+    def update(self, num_updates: int | None = None) -> None:
+        """shadow <- d * shadow + (1 - d) * param with d = decay_at(num_updates)."""
         current = [self.local(p).detach().float() for p in self.params]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay_at(num_updates))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{parameter name: fp32 tensor}; usable as a (partial) model state dict."""

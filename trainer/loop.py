@@ -184,7 +184,7 @@ class Trainer:
             metrics, applied = self.optimizer_step(batches)
             guard.update(applied, self.step)
             if applied and self.ema is not None:
-                self.ema.update()
+                self.ema.update(self.step + 1)   # n-th optimiser step, n from 1 (EMA warm-up)
             self.losses[self.step] = metrics["loss"]
             window.add(metrics)
             self.step += 1

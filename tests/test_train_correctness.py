@@ -1,0 +1,78 @@
+"""Training correctness (issue 11): time sampling of every bundled config, EMA warm-up, loader counts
+derived from the model, eikonal band, voxel noise shape, strategy availability. CPU, seconds."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_pipeline.typed_config import load_config
+from trainer import objectives as obj
+from trainer.config import CONFIG_DIR, TrainConfig
+from trainer.ema import EMA
+
+BUNDLED = sorted(CONFIG_DIR.glob("*.yaml"))
+DIT_CONFIGS = [p for p in BUNDLED if load_config(TrainConfig, p).task == "dit"]
+
+# (mean, std, fraction above 0.9) of t per bundled DiT config, t = 1 noise. vecset_dit_base is
+# PartPacker's: shift3(1 - sigmoid(N(1, 1))) (its sigma table runs from 1 down to 0).
+T_MOMENTS = {
+    "vecset_dit_base": (0.520, 0.208, 0.018),
+    "voxel_dit_base": (0.697, 0.183, 0.116),   # TRELLIS: logit-normal(1, 1), no shift
+    "vecset_dit_debug": (0.500, 0.208, 0.014),
+    "voxel_dit_debug": (0.500, 0.208, 0.014),
+}
+
+
+def bundled_t(path, n=400_000):
+    fl = load_config(TrainConfig, path).flow_loss
+    return obj.sample_logit_normal_t(n, m=fl.t_mean, s=fl.t_std, shift=fl.t_shift,
+                                     generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("path", DIT_CONFIGS, ids=lambda p: p.stem)
+def test_every_bundled_dit_config_has_pinned_t_moments(path):
+    t = bundled_t(path)
+    mean, std, above = T_MOMENTS[path.stem]
+    assert float(t.mean()) == pytest.approx(mean, abs=0.003)
+    assert float(t.std()) == pytest.approx(std, abs=0.003)
+    assert float((t > 0.9).float().mean()) == pytest.approx(above, abs=0.003)
+
+
+def test_vecset_dit_base_reproduces_partpacker_time_sampling():
+    """PartPacker draws u = sigmoid(N(1, 1)) and indexes a 1 -> 0 sigma table: its t is shift3(1 - u)."""
+    u = torch.sigmoid(torch.randn(400_000, generator=torch.Generator().manual_seed(1)) + 1.0)
+    reference = obj.shift_time(1.0 - u, 3.0)
+    ours = bundled_t(CONFIG_DIR / "vecset_dit_base.yaml")
+    for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+        assert float(ours.quantile(q)) == pytest.approx(float(reference.quantile(q)), abs=0.004)
+
+
+# ---------------------------------------------------------------------------
+# EMA warm-up
+# ---------------------------------------------------------------------------
+
+def initial_weight_share(decay: float, steps: int) -> float:
+    """Share of the initial weights left in the EMA after ``steps`` updates towards a zero parameter."""
+    p = torch.nn.Parameter(torch.ones(1))
+    ema = EMA([("p", p)], decay)
+    with torch.no_grad():
+        p.zero_()
+    for n in range(1, steps + 1):
+        ema.update(n)
+    return float(ema.shadow[0])
+
+
+def test_ema_warm_up_uses_min_decay_one_plus_n_over_ten_plus_n():
+    p = torch.nn.Parameter(torch.zeros(1))
+    ema = EMA([("p", p)], 0.9999)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update(1)                                  # decay 2/11: the EMA moves 9/11 of the way
+    assert float(ema.shadow[0]) == pytest.approx(9 / 11)
+    assert ema.decay_at(10**6) == 0.9999           # the configured decay caps the warm-up
+    assert ema.decay_at(5) == pytest.approx(6 / 15)
+
+
+def test_ema_forgets_the_initial_weights_early():
+    # without warm-up 0.9999 ** 5000 = 0.61 of the random init would remain at step 5,000
+    assert initial_weight_share(0.9999, 5000) < 1e-6
