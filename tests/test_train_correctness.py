@@ -2,6 +2,8 @@
 derived from the model, eikonal band, voxel noise shape, strategy availability. CPU, seconds."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -76,3 +78,18 @@ def test_ema_warm_up_uses_min_decay_one_plus_n_over_ten_plus_n():
 def test_ema_forgets_the_initial_weights_early():
     # without warm-up 0.9999 ** 5000 = 0.61 of the random init would remain at step 5,000
     assert initial_weight_share(0.9999, 5000) < 1e-6
+
+
+# ---------------------------------------------------------------------------
+# engine.strategy=deepspeed without DeepSpeed
+# ---------------------------------------------------------------------------
+
+def test_deepspeed_strategy_without_deepspeed_fails_in_one_line(monkeypatch, tmp_path, capsys):
+    from trainer import commands as cli
+    monkeypatch.setitem(sys.modules, "deepspeed", None)   # find_spec / import now see no DeepSpeed
+    rc = cli.main(["train", "vecset_vae_debug", f"data.path={tmp_path}", f"run.dir={tmp_path / 'run'}",
+                   "engine.strategy=deepspeed"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert 'pip install -e ".[deepspeed]"' in err[0]
+    assert not (tmp_path / "run").exists()                # nothing started

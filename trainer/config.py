@@ -6,6 +6,7 @@ is written to ``run.dir/config.yaml`` by the loop.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -147,9 +148,18 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def require_strategy_package(strategy: str) -> None:
+    """DeepSpeed is an optional extra: say how to install it before any rank starts training
+    (instead of a ModuleNotFoundError traceback from every rank)."""
+    if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError('engine.strategy=deepspeed needs DeepSpeed, which is not installed: '
+                          'pip install -e ".[deepspeed]"')
+
+
 def validate_engine(engine: EngineConfig) -> EngineConfig:
     """Strategy-specific keys only with their strategy, so a typo'd strategy cannot silently run DDP."""
     deepspeed = engine.strategy == "deepspeed"
+    require_strategy_package(engine.strategy)
     _require(engine.zero_stage is None or deepspeed, "engine.zero_stage",
              f"only applies to engine.strategy=deepspeed (strategy is {engine.strategy})")
     _require(engine.zero_stage in (None, 1, 2, 3), "engine.zero_stage", f"must be 1, 2 or 3, got {engine.zero_stage}")

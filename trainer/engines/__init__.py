@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import EngineConfig, OptimConfig, SUPPORTED_STRATEGIES
+from trainer.config import EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, require_strategy_package
 from trainer.engines.base import (DistributedSetupError, Engine, OptimizerFactory, SchedulerFactory,
                                   describe_peer_failure, detect_launch, resolve_engine_config,
                                   shutdown_process_group)
@@ -48,6 +48,7 @@ def create_engine(cfg: EngineConfig, precision: str, optim: OptimConfig | None =
         from data_pipeline.typed_config import ConfigError
         raise ConfigError(f"engine.strategy: {cfg.strategy!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_STRATEGIES)})")
+    require_strategy_package(cfg.strategy)   # the strategy may come from an accelerate config
     if cfg.strategy == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine
         return DeepSpeedEngine(cfg, precision, optim)
