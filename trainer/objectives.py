@@ -143,9 +143,26 @@ def kl_weight(step: int, weight: float = 1e-3, warmup_steps: int = 0) -> float:
     return weight * min(1.0, step / warmup_steps)
 
 
-def eikonal_loss(grad: Tensor, target_norm: float = 1.0) -> Tensor:
-    """mean((|grad| - target)^2); grad [..., 3]. For a prediction in truncated units target = 1 / tau."""
-    return (grad.float().norm(dim=-1) - target_norm).pow(2).mean()
+def eikonal_loss(grad: Tensor, target_norm: float = 1.0, mask: Tensor | None = None) -> Tensor:
+    """mean((|grad| - target)^2) over grad [..., 3] (where ``mask`` [...] is true; 0 if none is).
+    For a prediction in truncated units target = 1 / tau."""
+    err = (grad.float().norm(dim=-1) - target_norm).pow(2)
+    if mask is None:
+        return err.mean()
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+def eikonal_points(query: Tensor, sdf: Tensor, tau: float, count: int) -> tuple[Tensor, Tensor]:
+    """Up to ``count`` queries per sample inside the truncation band |sdf| < tau, where the truncated
+    target has gradient norm 1 / tau (beyond it the target is flat): query [B, Q, 3], sdf [B, Q] ->
+    (points [B, P, 3], in-band mask [B, P]), P = min(count, Q). Band points are taken in query order
+    (the loader's queries are random draws, so this is a random subset, and needs no RNG)."""
+    in_band = sdf.abs() < tau                                                    # [B, Q]
+    order = torch.arange(query.shape[1], 0, -1, device=query.device)            # earlier first
+    key = in_band.long() * (query.shape[1] + 1) + order                          # band points first
+    idx = key.topk(min(count, query.shape[1]), dim=1).indices                    # [B, P]
+    points = torch.gather(query, 1, idx[..., None].expand(-1, -1, 3))
+    return points, torch.gather(in_band, 1, idx)
 
 
 def spatial_gradient(values: Tensor, points: Tensor) -> Tensor:

@@ -154,7 +154,7 @@ class VaeObjective(nn.Module):
             pred = self.net.query(hidden, batch["query"])                              # [B, Q]
             terms = self._recon(pred, batch["sdf"])
             if self.loss_cfg.eikonal_weight > 0:
-                terms["eikonal"] = self._eikonal(hidden, batch["query"])
+                terms["eikonal"] = self._eikonal(hidden, batch["query"], batch["sdf"])
                 terms["recon"] = terms["recon"] + self.loss_cfg.eikonal_weight * terms["eikonal"]
             sdf_pred, sdf_true = as_sdf(pred, self.loss_cfg.kind), batch["sdf"]
         kl = posterior.kl().mean()
@@ -167,15 +167,16 @@ class VaeObjective(nn.Module):
             return obj.sdf_regression_loss(pred, sdf, self.loss_cfg.tau)
         return obj.occupancy_bce_loss(pred, sdf < 0)
 
-    def _eikonal(self, hidden: Tensor, query: Tensor, count: int = 256, h: float = 1e-3) -> Tensor:
+    def _eikonal(self, hidden: Tensor, query: Tensor, sdf: Tensor, count: int = 256, h: float = 1e-3) -> Tensor:
         """Eikonal term by central differences (no double backward, so every strategy can run it).
-        The prediction is in truncated units, so its gradient norm should be 1 / tau near the surface."""
-        pts = query[:, -count:]                                          # near-surface queries come last
+        The prediction is in truncated units, so its gradient norm should be 1 / tau inside the
+        band |sdf| < tau, and only there (beyond it the target is flat)."""
+        pts, in_band = obj.eikonal_points(query, sdf, self.loss_cfg.tau, count)  # [B, P, 3], [B, P]
         offsets = torch.eye(3, device=pts.device, dtype=pts.dtype) * h  # [3, 3]
         probe = torch.cat([pts[:, :, None] + offsets, pts[:, :, None] - offsets], dim=2)  # [B, P, 6, 3]
         values = self.net.query(hidden, probe.flatten(1, 2)).view(*pts.shape[:2], 2, 3)
         grad = (values[:, :, 0] - values[:, :, 1]) / (2 * h)            # [B, P, 3]
-        return obj.eikonal_loss(grad, 1.0 / self.loss_cfg.tau)
+        return obj.eikonal_loss(grad, 1.0 / self.loss_cfg.tau, in_band)
 
 
 class VaeTask:
@@ -209,9 +210,9 @@ class VaeTask:
 
     def compute(self, model: nn.Module, batch: dict[str, Any], rand: BatchRandom, step: int):
         c = self.net.config.latent_channels
-        if self.voxel:
-            side = batch["occ"].shape[-1] // self.net.config.downsample_factor
-            noise, counts = rand.normal(c, side, side, side), None
+        if self.voxel:  # the latent grid of an [B, 1, D, H, W] occupancy grid (any box, not only cubes)
+            f = self.net.config.downsample_factor
+            noise, counts = rand.normal(c, *(n // f for n in batch["occ"].shape[-3:])), None
         else:
             counts = vecset_token_counts(self.net.config, batch)
             noise = rand.normal(sum(counts), c)
