@@ -5,13 +5,16 @@
     Voxel DiT:  latent grid [B, C, D, H, W] --3D patchify + linear + 3D sin-cos--> tokens
                 [B, (D/p)(H/p)(W/p), W]
     trunk:      t [B] in [0, 1] --sinusoid(1000 t) + MLP--> c [B, W]
+                (class mode: c += class embedding [B, W], the adaLN input, as in DiT)
                 depth x DiTBlock(tokens, c, condition tokens)   (adaLN self-attn, cross-attn, adaLN MLP)
                 final adaLN + linear --> velocity with the input's shape
 
 The adaLN modulations and the output projection start at zero, so a fresh model predicts
 exactly 0. Conditions (config ``condition``):
-- ``tokens``: condition tokens [B, L, condition_dim] (e.g. DINOv2 features) via cross-attention;
-- ``class``:  class ids [B] -> an embedding table -> one condition token [B, 1, W];
+- ``tokens``: condition tokens [B, L, condition_dim] (e.g. DINOv2 features), layer-normalised
+  (no affine: QK-norm normalises keys, not values; PartPacker does the same), via cross-attention;
+- ``class``:  class ids [B] -> an embedding table [B, W] added to the timestep embedding (the
+  adaLN input, as DiT; one cross-attention key would always get weight 1: a constant);
 - ``none``:   unconditional, no cross-attention.
 ``null_condition(batch)`` gives the condition that classifier-free guidance uses for the
 unconditional branch (learned or zero token; the extra "null" class id), and
@@ -91,12 +94,12 @@ class DiTTrunk(nn.Module):
         context_dim = None
         if cfg.condition == "tokens":
             context_dim = cfg.condition_dim
+            self.context_norm = nn.LayerNorm(cfg.condition_dim, elementwise_affine=False, eps=1e-6)
             if cfg.null_condition == "learned":
                 self.null_token = nn.Parameter(torch.randn(cfg.condition_dim) * 0.02)
             else:
                 self.register_buffer("null_token", torch.zeros(cfg.condition_dim), persistent=False)
         elif cfg.condition == "class":
-            context_dim = cfg.width
             self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.width)  # last row: null class
         self.blocks = CheckpointedBlocks(
             (DiTBlock(cfg.width, cfg.heads, context_dim, cfg.style()) for _ in range(cfg.depth)), cfg.checkpoint_every)
@@ -131,7 +134,8 @@ class DiTTrunk(nn.Module):
         mask = drop.reshape(-1, *([1] * (cond.ndim - 1)))
         return torch.where(mask, null, cond)
 
-    def _context(self, cond: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    def _condition(self, cond: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        """The checked condition: None (unconditional), class ids [B] or condition tokens [B, L, D]."""
         cfg = self.config
         if cfg.condition == "none":
             if cond is not None:
@@ -142,18 +146,21 @@ class DiTTrunk(nn.Module):
         if cfg.condition == "class":
             if cond.shape != (batch_size,) or cond.dtype != torch.long:
                 raise ValueError(f"class-conditioned DiT expects class ids [B] (int64), got {tuple(cond.shape)} {cond.dtype}")
-            return self.class_embed(cond)[:, None]  # [B, 1, W]
-        if cond.ndim != 3 or cond.shape[0] != batch_size or cond.shape[2] != cfg.condition_dim:
+        elif cond.ndim != 3 or cond.shape[0] != batch_size or cond.shape[2] != cfg.condition_dim:
             raise ValueError(f"DiT expects condition tokens [{batch_size}, L, {cfg.condition_dim}], "
                              f"got {tuple(cond.shape)}")
         return cond
 
     def forward(self, tokens: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         batch = tokens.shape[0]
-        c = self.t_embedder(torch.as_tensor(t, device=tokens.device), batch).to(tokens.dtype)  # [B, W]
-        context = self._context(cond, batch)
-        if context is not None:
-            context = context.to(tokens.dtype)
+        c = self.t_embedder(torch.as_tensor(t, device=tokens.device), batch)  # [B, W]
+        cond = self._condition(cond, batch)
+        context = None
+        if self.config.condition == "class":
+            c = c + self.class_embed(cond)                                    # [B, W]: the adaLN input
+        elif cond is not None:
+            context = self.context_norm(cond.float()).to(tokens.dtype)        # [B, L, condition_dim]
+        c = c.to(tokens.dtype)
         return self.final(self.blocks(tokens, c, context), c)
 
 

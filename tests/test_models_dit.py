@@ -146,3 +146,31 @@ def test_dit_bf16_forward_backward(name):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_condition_tokens_are_layer_normalised(name):
+    """A per-token affine change of the condition tokens (scale, offset) does not change the output."""
+    model = perturb(models.build(name))
+    x, t, cond = dit_inputs(model)
+    changed = cond * 7.0 + 3.0
+    assert torch.allclose(model(x, t, cond), model(x, t, changed), atol=1e-4)
+    assert not torch.allclose(model(x, t, cond), model(x, t, cond.flip(-1)), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_class_conditions_through_the_adaln_input(name):
+    """The class embedding is added to the timestep embedding (no cross-attention over one token)."""
+    model = perturb(models.build(name, condition="class", num_classes=3))
+    assert all(block.cross_attn is None for block in model.trunk.blocks.blocks)
+    x, t, _ = dit_inputs(model)
+    labels = torch.tensor([0, 2])
+    out = model(x, t, labels)
+    assert not torch.allclose(out, model(x, t, torch.tensor([1, 1])), atol=1e-5)
+    trunk = model.trunk   # the same velocity from c = t embedding + class embedding, no context
+    c = trunk.t_embedder(t, 2) + trunk.class_embed(labels)
+    tokens = model.proj_in(x) if name.startswith("vecset") else None
+    if tokens is not None:
+        assert torch.allclose(out, trunk.final(trunk.blocks(tokens, c, None), c), atol=1e-5)
+    null = model(x, t, model.null_condition(2))
+    assert torch.allclose(null, model(x, t, None), atol=1e-6) and not torch.allclose(null, out, atol=1e-5)
