@@ -145,3 +145,50 @@ def test_voxel_vae_trains_on_a_non_cubic_grid():
     loss, metrics = task.compute(task.objective, {"occ": occ}, BatchRandom(0, 0, 0, 0, 1, 2, torch.device("cpu")), 0)
     loss.backward()
     assert torch.isfinite(loss) and 0.0 <= metrics["iou"] <= 1.0
+
+
+# ---------------------------------------------------------------------------
+# loader counts derived from the model
+# ---------------------------------------------------------------------------
+
+VAE_CONFIGS = [p for p in BUNDLED if load_config(TrainConfig, p).task == "vae"]
+
+
+def fed_token_types(options: dict, task: str, net) -> None:
+    """Every token type the VAE declares gets at least as many points as tokens, and the loader reads them."""
+    from data_pipeline.loading.batches import parse_task_options, required_keys
+    parsed = parse_task_options(task, options)
+    mc = net.config
+    if hasattr(mc, "num_sharp_latents"):
+        assert parsed.num_surface >= mc.num_latents
+        assert parsed.num_sharp >= mc.num_sharp_latents
+        assert ("sharp.npy" in required_keys(task, parsed)) == (mc.num_sharp_latents > 0)
+    else:
+        assert parsed.occupancy
+
+
+@pytest.mark.parametrize("path", VAE_CONFIGS, ids=lambda p: p.stem)
+def test_every_bundled_vae_config_feeds_every_token_type(path):
+    from trainer.config import load_train_config
+    from trainer.tasks import VaeTask
+    task = VaeTask(load_train_config(path, ["data.path=unused"]))
+    fed_token_types(task.loader_options(), "vae", task.net)
+
+
+@pytest.mark.parametrize("path", DIT_CONFIGS, ids=lambda p: p.stem)
+def test_every_bundled_dit_config_feeds_its_vae_every_token_type(path):
+    """A DiT config on the same-size VAE config (as the docs pair them) encodes with every token type."""
+    from trainer.config import load_train_config
+    from trainer.tasks import VaeTask, dit_surface_options
+    vae_cfg = load_train_config(path.stem.replace("_dit_", "_vae_"), ["data.path=unused"])
+    vae = VaeTask(vae_cfg).net
+    if hasattr(vae.config, "num_sharp_latents"):
+        fed_token_types(dit_surface_options(vae_cfg, vae), "dit", vae)
+
+
+def test_loader_counts_that_starve_a_token_type_fail_before_training():
+    from data_pipeline.typed_config import ConfigError
+    with pytest.raises(ConfigError, match="num_sharp.*num_sharp_latents"):
+        vae_task("data.options={num_sharp: 0}").loader_options()
+    assert vae_task("data.options={num_sharp: 0}",
+                    "model.overrides={num_sharp_latents: 0}").loader_options()["num_sharp"] == 0

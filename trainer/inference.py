@@ -112,9 +112,25 @@ def load_frozen_vae(checkpoint: str | Path, use_ema: bool, device: torch.device)
 # encoding and conditions
 # ---------------------------------------------------------------------------
 
+def vae_point_counts(cfg: TrainConfig, net: nn.Module) -> dict[str, int]:
+    """Surface and sharp-edge points per sample for a VecSet VAE, derived from its model: data.options,
+    else 4 points per query token of each type (uniform: at least 512). Raises ConfigError when a token
+    type the model declares would get fewer points than tokens (sharp tokens silently unused before)."""
+    mc, opts = net.config, cfg.data.options
+    counts = {"num_surface": int(opts.get("num_surface", max(4 * mc.num_latents, 512))),
+              "num_sharp": int(opts.get("num_sharp", 4 * mc.num_sharp_latents))}
+    for key, tokens, name in (("num_surface", mc.num_latents, "num_latents"),
+                              ("num_sharp", mc.num_sharp_latents, "num_sharp_latents")):
+        if counts[key] < tokens:
+            raise ConfigError(f"data.options.{key}: {counts[key]} points per sample cannot feed the {tokens} "
+                              f"{name} query tokens of {cfg.model.name}: raise it (default {4 * tokens}) or "
+                              f"set model.overrides.{name}")
+    return counts
+
+
 def vae_num_surface(cfg: TrainConfig, net: nn.Module) -> int:
     """Surface points per sample a VecSet VAE run feeds its encoder (data.options or the default)."""
-    return int(cfg.data.options.get("num_surface", max(4 * net.config.num_latents, 512)))
+    return vae_point_counts(cfg, net)["num_surface"]
 
 
 def encode(vae: nn.Module, vae_cfg: TrainConfig, batch: dict[str, Any],

@@ -31,7 +31,7 @@ from data_pipeline.typed_config import ConfigError
 from trainer import objectives as obj
 from trainer.config import TrainConfig
 from trainer.inference import (as_sdf, batch_condition, encode, latent_scale_factor, load_frozen_vae, network_spec,
-                               read_network, vae_num_surface)
+                               read_network, vae_point_counts)
 
 
 class BatchRandom:
@@ -197,7 +197,7 @@ class VaeTask:
     def loader_options(self) -> dict[str, Any]:
         if self.voxel:  # the grid is the input and the target; point queries are not needed
             return {"occupancy": True, "num_vol": 0, "num_near": 0, "num_surface": 1, **self.cfg.data.options}
-        return {"num_surface": vae_num_surface(self.cfg, self.net), "num_sharp": 0, **self.cfg.data.options}
+        return {**self.cfg.data.options, **vae_point_counts(self.cfg, self.net)}
 
     def derived(self) -> dict[str, Any]:
         return {}
@@ -240,6 +240,12 @@ class DitObjective(nn.Module):
         return obj.flow_loss_per_sample(pred, obj.velocity_target(x0, eps))
 
 
+def dit_surface_options(vae_cfg: TrainConfig, vae: nn.Module) -> dict[str, Any]:
+    """The DiT's encoder input: the points its VecSet VAE was trained on (every token type it has)."""
+    sampling = vae_cfg.data.options.get("surface_sampling")
+    return {**vae_point_counts(vae_cfg, vae), **({"surface_sampling": sampling} if sampling else {})}
+
+
 class DitTask:
     def __init__(self, cfg: TrainConfig, device: torch.device):
         if family(cfg.model.name) not in ("vecset_dit", "voxel_dit"):
@@ -267,9 +273,7 @@ class DitTask:
         elif self.voxel:  # the dit loader has no occupancy grid: read it through the vae task
             opts = {"occupancy": True, "num_vol": 0, "num_near": 0, "num_surface": 1}
         else:
-            vae_data = self.vae_cfg.data.options if self.vae_cfg else {}
-            opts = {k: vae_data[k] for k in ("num_surface", "num_sharp", "surface_sampling") if k in vae_data}
-            opts.setdefault("num_surface", vae_num_surface(self.vae_cfg, self.vae))
+            opts = dit_surface_options(self.vae_cfg, self.vae)
         if self.cfg.condition.kind in ("class", "embedding") and not self.voxel:
             opts["condition"] = self.cfg.condition.kind
         return {**opts, **self.cfg.data.options}
