@@ -47,9 +47,12 @@ BENCH_CONFIG = "watertight: {resolution: 64, coarse_resolution: 16}\nshard_max_s
 # 4 input points per token (the trainer's default), batch 8 per rank; VecSet DiT on a frozen VAE
 # (surface input only), batch 16 per rank.
 VAE_BASE = dict(task="vae", num_surface=4096, num_sharp=4096, num_vol=1024, num_near=1024,
-                token_cutoffs=[256, 512, 1024, 2048])
+                token_cutoffs=[256, 512, 1024, 2048], num_fps=1024, num_sharp_fps=1024)
 DIT_BASE = dict(task="dit", num_surface=4096, num_sharp=4096)
-PROFILES = {"vecset_vae_base": (VAE_BASE, 8), "vecset_dit_base": (DIT_BASE, 16)}
+# The VAE trainer resamples points at every read (fresh subset + random-start FPS of the query tokens);
+# the fixed profile is the loader without it (a fixed stored FPS prefix), for comparison.
+PROFILES = {"vecset_vae_base": (VAE_BASE, 8), "vecset_vae_base_fixed": ({**VAE_BASE, "resample": False}, 8),
+            "vecset_dit_base": (DIT_BASE, 16)}
 
 
 def build_shards(work: Path, min_mb: float) -> Path:

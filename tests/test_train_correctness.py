@@ -192,3 +192,25 @@ def test_loader_counts_that_starve_a_token_type_fail_before_training():
         vae_task("data.options={num_sharp: 0}").loader_options()
     assert vae_task("data.options={num_sharp: 0}",
                     "model.overrides={num_sharp_latents: 0}").loader_options()["num_sharp"] == 0
+
+
+# ---------------------------------------------------------------------------
+# progress in a log file
+# ---------------------------------------------------------------------------
+
+def test_progress_without_a_terminal_prints_plain_lines_only_when_logging():
+    import io
+    import re
+
+    from trainer.config import load_train_config
+    from trainer.loop import Progress
+    log = io.StringIO()                                   # not a tty, like a SLURM job log
+    progress = Progress(load_train_config("vecset_vae_debug", ["data.path=unused"]), 0, True, log)
+    for step in range(1, 21):
+        progress.update()
+        if step % 10 == 0:
+            progress.log(step, {"loss": 0.5 / step, "lr": 1e-3, "samples_per_s": 40.0})
+    progress.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 2
+    assert re.fullmatch(r"step 20/300 loss 0\.025 lr 1\.00e-03 samples/s 40\.0 ETA \d+:\d\d:\d\d", lines[1])

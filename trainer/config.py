@@ -56,7 +56,7 @@ class RunConfig:
     keep_last: int = 3                  # plus the best checkpoint (lowest logged loss)
     eval_every: int = 0                 # 0: only at the end
     nan_guard: int = 5                  # abort after this many non-finite steps in a row
-    progress: bool = True               # tqdm bar on rank 0
+    progress: bool = True               # rank 0: tqdm bar on a terminal, else a plain line every log_every
 
 
 @dataclass

@@ -9,8 +9,10 @@ trainer/engines/; saving in trainer/checkpoint.py; MLflow in trainer/tracking.py
 """
 from __future__ import annotations
 
+import datetime
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -107,6 +109,44 @@ class MetricWindow:
 
 
 # ---------------------------------------------------------------------------
+# progress: a tqdm bar on a terminal, plain lines in a log file
+# ---------------------------------------------------------------------------
+
+class Progress:
+    """Rank 0's progress. On a terminal a tqdm bar; otherwise (SLURM job logs, redirected stderr)
+    one plain line per logging step, since a bar's carriage-return updates fill a log with fragments."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, enabled: bool, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.max_steps, self.start_step = cfg.run.max_steps, start_step
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.bar = tqdm(total=cfg.run.max_steps, initial=start_step, disable=not self.tty, file=self.stream,
+                        desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
+        self.started = time.perf_counter()
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def log(self, step: int, logged: dict[str, float]) -> None:
+        if self.tty:
+            self.bar.set_postfix(loss=f"{logged['loss']:.4g}", lr=f"{logged['lr']:.2e}",
+                                 samples_s=f"{logged['samples_per_s']:.1f}")
+        elif self.enabled:
+            print(self.line(step, logged), file=self.stream, flush=True)
+
+    def line(self, step: int, logged: dict[str, float]) -> str:
+        """``step 100/300 loss 0.1234 lr 1.00e-03 samples/s 12.3 ETA 0:01:40`` (ETA from this run's pace)."""
+        per_step = (time.perf_counter() - self.started) / max(1, step - self.start_step)
+        eta = datetime.timedelta(seconds=round(per_step * (self.max_steps - step)))
+        return (f"step {step}/{self.max_steps} loss {logged['loss']:.4g} lr {logged['lr']:.2e} "
+                f"samples/s {logged['samples_per_s']:.1f} ETA {eta}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------
 
@@ -176,8 +216,7 @@ class Trainer:
         guard = NonFiniteGuard(cfg.run.nan_guard)
         window = MetricWindow()
         samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * engine.world_size
-        bar = tqdm(total=cfg.run.max_steps, initial=self.step, disable=not (engine.is_main and cfg.run.progress),
-                   desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
+        progress = Progress(cfg, self.step, engine.is_main and cfg.run.progress)
         batches = iter(self.loader)
         tic = time.perf_counter()
         while self.step < cfg.run.max_steps:
@@ -188,7 +227,7 @@ class Trainer:
             self.losses[self.step] = metrics["loss"]
             window.add(metrics)
             self.step += 1
-            bar.update(1)
+            progress.update()
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
                 logged = window.reduce(engine)
@@ -196,15 +235,14 @@ class Trainer:
                               samples_per_s=samples_per_step * cfg.run.log_every / max(elapsed, 1e-9))
                 self.best_metric_candidate = logged["loss"]
                 self.tracker.log_metrics(logged, self.step)
-                bar.set_postfix(loss=f"{logged['loss']:.4g}", lr=f"{logged['lr']:.2e}",
-                                samples_s=f"{logged['samples_per_s']:.1f}")
+                progress.log(self.step, logged)
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.max_steps:
                 self.evaluator.run(self.step, self.ema)
                 tic = time.perf_counter()  # samples/s measures training only
             if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps:
                 self.save()
                 tic = time.perf_counter()
-        bar.close()
+        progress.close()
         final = self.evaluator.run(self.step, self.ema)
         return {"step": self.step, "losses": dict(self.losses), "skipped_steps": guard.skipped,
                 "mlflow_run_id": self.tracker_run_id, "eval": final}

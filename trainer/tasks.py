@@ -197,7 +197,9 @@ class VaeTask:
     def loader_options(self) -> dict[str, Any]:
         if self.voxel:  # the grid is the input and the target; point queries are not needed
             return {"occupancy": True, "num_vol": 0, "num_near": 0, "num_surface": 1, **self.cfg.data.options}
-        return {**self.cfg.data.options, **vae_point_counts(self.cfg, self.net)}
+        mc = self.net.config  # training resamples points; only the query tokens need an FPS order
+        return {"num_fps": mc.num_latents, "num_sharp_fps": mc.num_sharp_latents, **self.cfg.data.options,
+                **vae_point_counts(self.cfg, self.net)}
 
     def derived(self) -> dict[str, Any]:
         return {}

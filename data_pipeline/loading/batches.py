@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+import fpsample
 import numpy as np
 import torch
 
@@ -32,10 +33,15 @@ class SurfaceOptions:
     num_surface: int = 2048                          # N surface points per sample
     surface_sampling: Literal["fps", "random"] = "fps"  # fps: prefix of the stored FPS order
     num_sharp: int = 0                               # M sharp-edge points (0: none)
+    resample: Optional[bool] = None   # fresh random subset + random-start FPS at every read (None: vae training)
+    num_fps: int = 0                  # resample: leading points FPS-ordered (the query tokens; 0: all N)
+    num_sharp_fps: int = 0            # resample: the same for the sharp points (0: all M)
 
     def __post_init__(self):
         if self.num_surface < 1 or self.num_sharp < 0:
             raise ValueError("num_surface must be >= 1 and num_sharp >= 0")
+        if self.num_fps < 0 or self.num_sharp_fps < 0:
+            raise ValueError("num_fps and num_sharp_fps must be >= 0")
 
 
 @dataclass
@@ -183,6 +189,22 @@ def pick_indices(total: int, count: int, order: np.ndarray | None, rng: np.rando
     return np.concatenate([head, tail]).astype(np.int64)
 
 
+def fresh_fps_indices(points: np.ndarray, count: int, num_fps: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` rows drawn at random from all stored ``points`` [T, 3], the first ``num_fps`` (0: all)
+    reordered by farthest-point sampling from a random start (Hunyuan3D-2.1 redraws both every step).
+    FPS runs on the quantised coordinates: a uniform affine map does not change FPS choices."""
+    idx = rng.choice(len(points), count, replace=False)
+    k = min(num_fps or count, count)
+    if k < 2:
+        return idx
+    h = min(5, count.bit_length() - 1)  # kd-tree height (5: fpsample's speed/accuracy choice); 2**h <= count
+    order = fpsample.bucket_fps_kdline_sampling(rows(points, idx).astype(np.float32), k, h=h,
+                                                start_idx=int(rng.integers(count)))
+    rest = np.ones(count, dtype=bool)
+    rest[order] = False
+    return np.concatenate([idx[order], idx[rest]])
+
+
 def rows(array: np.ndarray, idx: np.ndarray | range) -> np.ndarray:
     """``array[idx]`` for row indices; np.take is several times faster than fancy indexing here,
     and a contiguous ``range`` is a slice (no gather at all)."""
@@ -210,8 +232,11 @@ def surface_arrays(raw: dict, meta: dict, opts: SurfaceOptions, rng: np.random.G
     use_fps = opts.surface_sampling == "fps"
     fps = expect(load_npy(raw, "surface_fps.npy"), "int32", 1, raw, "surface_fps.npy") if use_fps else None
     n, m = opts.num_surface, opts.num_sharp
-    prefix = use_fps and fps_prefix_stored(raw, meta, "surface_fps.npy", fps)
-    idx = pick_indices(len(points), n + m, fps, rng, prefix)  # idx[n:] stand in for missing sharp points
+    if opts.resample and len(points) >= n:  # idx[n:] stand in for missing sharp points
+        idx = np.concatenate([fresh_fps_indices(points, n, opts.num_fps, rng), rng.integers(len(points), size=m)])
+    else:
+        prefix = use_fps and fps_prefix_stored(raw, meta, "surface_fps.npy", fps)
+        idx = pick_indices(len(points), n + m, fps, rng, prefix)
     out = {"surface": dequantize_coords(rows(points, idx[:n])),
            "surface_normal": dequantize_normals(rows(normals, idx[:n]))}
     if m:
@@ -229,7 +254,10 @@ def sharp_arrays(raw: dict, meta: dict, opts: SurfaceOptions, rng: np.random.Gen
     normals = expect(load_npy(raw, "sharp_normal.npy"), "int8", 2, raw, "sharp_normal.npy")
     m = opts.num_sharp
     have = min(len(points), m)
-    if have:
+    if have and opts.resample:
+        idx = fresh_fps_indices(points, have, opts.num_sharp_fps, rng)
+        points, normals = rows(points, idx), rows(normals, idx)
+    elif have:
         use_fps = opts.surface_sampling == "fps"
         fps = load_npy(raw, "sharp_fps.npy") if use_fps else None
         prefix = use_fps and fps_prefix_stored(raw, meta, "sharp_fps.npy", fps)

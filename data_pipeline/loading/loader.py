@@ -459,6 +459,8 @@ def make_loader(source: str | os.PathLike | Sequence[str | os.PathLike], *, task
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
     options = parse_task_options(task, task_options)
+    if options.resample is None:  # fresh point subsets are a VAE training augmentation; eval stays fixed
+        options.resample = mode == "train" and task == "vae"
     rank, world_size = _rank_and_world(rank, world_size)
     keys = required_keys(task, options) + optional_keys(task, options)
     plan = Plan(resolve_source(source), task, options, batch_size, mode, int(seed), rank, world_size,
