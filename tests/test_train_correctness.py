@@ -214,3 +214,25 @@ def test_progress_without_a_terminal_prints_plain_lines_only_when_logging():
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) == 2
     assert re.fullmatch(r"step 20/300 loss 0\.025 lr 1\.00e-03 samples/s 40\.0 ETA \d+:\d\d:\d\d", lines[1])
+
+
+# ---------------------------------------------------------------------------
+# latent scale factor measured on what training feeds the DiT
+# ---------------------------------------------------------------------------
+
+def test_scale_factor_latents_are_posterior_samples_for_latents_sample():
+    from models.layers import init_posterior_head
+    from trainer.config import load_train_config
+    from trainer.tasks import DitTask
+    cfg = load_train_config("vecset_dit_debug", ["data.path=unused", "vae.latents=cached"])
+    cfg.vae.latents = "sample"                               # a VAE network is attached below instead
+    task = DitTask(cfg, torch.device("cpu"))
+    task.vae = vae_task().net.eval()
+    init_posterior_head(task.vae.encoder.to_moments, logvar=2.0)   # posterior std e: noise dominates
+    gen = torch.Generator().manual_seed(0)
+    batches = [{**vecset_batch(torch.zeros(2, 1), gen), "id": ["a", "b"]} for _ in range(2)]
+    measured = task.measured_latents(batches, 0, 1)
+    mode = torch.cat([task.latents(b, None) for b in batches])
+    expected = (mode.var() + torch.e ** 2) ** 0.5             # std of mode + e * N(0, 1)
+    assert float(measured.std()) == pytest.approx(float(expected), rel=0.1)
+    assert float(mode.std()) < 0.5 * float(measured.std())

@@ -248,6 +248,9 @@ def dit_surface_options(vae_cfg: TrainConfig, vae: nn.Module) -> dict[str, Any]:
     return {**vae_point_counts(vae_cfg, vae), **({"surface_sampling": sampling} if sampling else {})}
 
 
+SCALE_STREAM = 1 << 20   # BatchRandom micro-step ids of the scale-factor batches (apart from training's)
+
+
 class DitTask:
     def __init__(self, cfg: TrainConfig, device: torch.device):
         if family(cfg.model.name) not in ("vecset_dit", "voxel_dit"):
@@ -300,7 +303,7 @@ class DitTask:
         if self.model_overrides is None or self.scale_factor is None or self.latent_shape is None:
             loader = make_loader(seed_offset=1)
             batches = [to_device(b, self.device) for b, _ in zip(loader, range(self.cfg.vae.scale_batches))]
-            lat = torch.cat([self.latents(b, None) for b in batches])
+            lat = self.measured_latents(batches, engine.rank, engine.world_size)
             stats = engine.all_reduce_mean({"mean": float(lat.mean()), "sq": float(lat.pow(2).mean())})
             std = max(stats["sq"] - stats["mean"] ** 2, 1e-12) ** 0.5
             if self.scale_factor is None:
@@ -309,6 +312,13 @@ class DitTask:
                 self.model_overrides = self._derive_overrides(lat)
             self.latent_shape = list(lat.shape[1:])
         self._build()
+
+    def measured_latents(self, batches: list[dict[str, Any]], rank: int, world_size: int) -> Tensor:
+        """[sum B, ...] latents the scale factor is measured on: the ones training feeds the DiT
+        (posterior samples for vae.latents=sample, whose std includes the posterior noise)."""
+        rands = [BatchRandom(self.cfg.run.seed, 0, SCALE_STREAM + i, rank, world_size, len(b["id"]), self.device)
+                 for i, b in enumerate(batches)]
+        return torch.cat([self.latents(b, r) for b, r in zip(batches, rands)])
 
     def _derive_overrides(self, lat: Tensor) -> dict[str, Any]:
         derived: dict[str, Any] = {"in_channels": int(lat.shape[1] if self.voxel else lat.shape[-1])}
