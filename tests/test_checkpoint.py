@@ -100,3 +100,30 @@ def test_load_restores_weights_optimizer_ema_rng_and_loader(tmp_path):
     draws = (torch.rand(3), np.random.rand(2), random.random())
     assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])
     assert draws[2] == expected_draws[2]
+
+
+def test_a_run_or_checkpoints_directory_means_its_latest_complete_checkpoint(tmp_path, capsys):
+    from trainer.config import ModelConfig
+    from trainer.inference import load_network
+    from trainer.tasks import DitObjective
+    engine = DDPEngine(EngineConfig())
+    net = models.build("vecset_dit/debug", condition="none")
+    engine.prepare(DitObjective(net), lambda p: torch.optim.AdamW(p, lr=1e-3),
+                   lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0))
+    cfg = TrainConfig(task="dit", model=ModelConfig(name="vecset_dit/debug", overrides={"condition": "none"}))
+    run = tmp_path / "run"
+    for step in (1, 2):
+        ckpt.save_checkpoint(engine, run / "checkpoints", step, ema=None, loader_state={}, config=cfg,
+                             meta_extra={}, metric=None, keep_last=3)
+    (run / "checkpoints" / "step_00000003").mkdir()          # incomplete: ignored
+    step2 = run / "checkpoints" / "step_00000002"
+    for given in (run, run / "checkpoints", step2):
+        assert ckpt.resolve_checkpoint(given) == step2
+    assert ckpt.resolve_checkpoint(run / "checkpoints" / "step_00000001").name == "step_00000001"
+    err = capsys.readouterr().err
+    assert err.count(f"using {step2}") == 2                   # said for the run and checkpoints/ forms only
+    loaded, loaded_cfg, meta = load_network(run)
+    assert meta["step"] == 2 and loaded_cfg.model.name == "vecset_dit/debug"
+    assert ckpt.resolve_resume(run / "checkpoints", str(run)) == step2
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        ckpt.resolve_checkpoint(tmp_path / "empty")

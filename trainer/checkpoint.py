@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +100,34 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def resolve_resume(root: Path, resume: str) -> Path | None:
-    """``auto``: the latest complete checkpoint (None for a fresh run); ``never``: None; else that path."""
+    """``auto``: the latest complete checkpoint (None for a fresh run); ``never``: None; else that path
+    (a step, run or checkpoints/ directory, see :func:`resolve_checkpoint`)."""
     if resume == "never":
         return None
     if resume == "auto":
         return latest_checkpoint(root)
-    path = Path(resume)
-    if read_meta(path) is None:
-        raise FileNotFoundError(f"run.resume: {path} is not a complete checkpoint (no valid {META})")
-    return path
+    return resolve_checkpoint(resume, "run.resume", exported=False)
+
+
+def resolve_checkpoint(path: str | Path, key: str = "checkpoint", exported: bool = True) -> Path:
+    """The checkpoint a user means by ``path``: a complete step directory, a `shapeflow export`
+    .safetensors file (if ``exported``), or the latest complete checkpoint of a run directory or of its
+    ``checkpoints/`` folder (as ``run.resume=auto`` finds it). Says on stderr which one it picked when
+    that is not ``path`` itself; raises FileNotFoundError naming ``key`` and the accepted forms."""
+    path = Path(path)
+    if exported and path.is_file() and path.suffix == ".safetensors":
+        return path
+    if read_meta(path) is not None:
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root) if root.is_dir() else None
+        if found is not None:
+            print(f"shapeflow: {key}: using {found} (the latest complete checkpoint in {root})", file=sys.stderr)
+            return found
+    forms = "a step directory, a run directory, its checkpoints/ directory" + (
+        " or a .safetensors file from `shapeflow export`" if exported else "")
+    raise FileNotFoundError(f"{key}: {path} is not a complete checkpoint nor a directory holding one (no valid "
+                            f"{META} in it or in a step_* directory under it); expected {forms}")
 
 
 # ---------------------------------------------------------------------------

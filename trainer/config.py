@@ -186,7 +186,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(cfg.run.keep_last >= 1, "run.keep_last", "must be >= 1")
     _require(cfg.run.nan_guard >= 1, "run.nan_guard", "must be >= 1")
     _require(cfg.run.resume in ("auto", "never") or Path(cfg.run.resume).is_dir(), "run.resume",
-             f"must be auto, never or an existing checkpoint directory, got {cfg.run.resume!r}")
+             f"must be auto, never or an existing checkpoint (step, run or checkpoints/) directory, "
+             f"got {cfg.run.resume!r}")
     _require(cfg.model.activation_checkpointing >= 0, "model.activation_checkpointing", "must be >= 0")
     _require(not cfg.model.init_from or Path(cfg.model.init_from).exists(), "model.init_from",
              f"{cfg.model.init_from} does not exist")

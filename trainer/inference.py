@@ -49,14 +49,9 @@ def read_exported(path: Path) -> tuple[dict[str, Tensor], TrainConfig, dict[str,
 
 
 def resolve_network_path(path: Path) -> Path:
-    """A step directory or .safetensors file as given; a run directory -> its latest complete checkpoint."""
-    path = Path(path)
-    if path.is_dir() and ckpt.read_meta(path) is None and (path / "checkpoints").is_dir():
-        found = ckpt.latest_checkpoint(path / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"{path}: a run directory without a complete checkpoint")
-        return found
-    return path
+    """A step directory or .safetensors file as given; a run or checkpoints/ directory -> its latest
+    complete checkpoint (said on stderr); see checkpoint.resolve_checkpoint."""
+    return ckpt.resolve_checkpoint(path)
 
 
 def read_network(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], TrainConfig, dict[str, Any]]:
@@ -101,7 +96,10 @@ def latent_scale_factor(path: str | Path) -> float | None:
 
 def load_frozen_vae(checkpoint: str | Path, use_ema: bool, device: torch.device) -> tuple[nn.Module, TrainConfig]:
     """The VAE of a `task=vae` checkpoint (or export), frozen and in eval mode, with its training config."""
-    net, cfg, _ = load_network(checkpoint, use_ema=use_ema)
+    try:
+        net, cfg, _ = load_network(checkpoint, use_ema=use_ema)
+    except FileNotFoundError as err:
+        raise ConfigError(f"vae.checkpoint: {err}") from None
     if cfg.task != "vae":
         raise ConfigError(f"vae.checkpoint: {checkpoint} is a task={cfg.task} checkpoint, not a VAE")
     net.requires_grad_(False)

@@ -52,13 +52,12 @@ def export(checkpoint: Path, out: Path, use_ema: bool) -> dict[str, torch.Tensor
     """Write the consolidated network of ``checkpoint`` to ``out``; returns the tensors written."""
     from data_pipeline.typed_config import load_config
 
-    from trainer.checkpoint import META, network_state, read_meta
+    from trainer.checkpoint import network_state, read_meta, resolve_checkpoint
     from trainer.config import TrainConfig
     from trainer.engines import checkpoint_has_ema
 
+    checkpoint = resolve_checkpoint(checkpoint, exported=False)   # a step, run or checkpoints/ directory
     meta = read_meta(checkpoint)
-    if meta is None:
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no valid {META})")
     if use_ema and not checkpoint_has_ema(checkpoint, meta):
         raise ValueError(f"--ema: {checkpoint} holds no EMA weights (trained with ema.enabled=false)")
     state = {k: v.contiguous() for k, v in network_state(checkpoint, use_ema, meta).items()}
