@@ -127,3 +127,27 @@ def test_a_run_or_checkpoints_directory_means_its_latest_complete_checkpoint(tmp
     assert ckpt.resolve_resume(run / "checkpoints", str(run)) == step2
     with pytest.raises(FileNotFoundError, match="run directory"):
         ckpt.resolve_checkpoint(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_the_dit_run_vae_follows_vae_use_ema(tmp_path, use_ema):
+    """`shapeflow sample` and DiT training load the VAE through load_run_vae: vae.use_ema decides."""
+    from trainer.config import ModelConfig, VaeSourceConfig
+    from trainer.inference import load_run_vae
+    from trainer.tasks import VaeObjective
+    vae_cfg = TrainConfig(task="vae", model=ModelConfig(name="vecset_vae/debug"))
+    engine = DDPEngine(EngineConfig())
+    net = models.build("vecset_vae/debug")
+    engine.prepare(VaeObjective(net, vae_cfg), lambda p: torch.optim.AdamW(p, lr=1e-3),
+                   lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0))
+    ema = engine.make_ema(0.9)
+    with torch.no_grad():                                   # the raw weights move, the EMA does not
+        for p in net.parameters():
+            p.add_(1.0)
+    path = ckpt.save_checkpoint(engine, tmp_path / "checkpoints", 1, ema=ema, loader_state={}, config=vae_cfg,
+                                meta_extra={}, metric=None, keep_last=1)
+    dit_cfg = TrainConfig(task="dit", vae=VaeSourceConfig(checkpoint=str(path), use_ema=use_ema))
+    vae, _ = load_run_vae(dit_cfg, torch.device("cpu"))
+    expected = ema.state_dict() if use_ema else {f"net.{k}": v for k, v in net.state_dict().items()}
+    name = "encoder.to_moments.weight"
+    assert torch.equal(vae.state_dict()[name], expected[f"net.{name}"].float())

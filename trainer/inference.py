@@ -106,6 +106,12 @@ def load_frozen_vae(checkpoint: str | Path, use_ema: bool, device: torch.device)
     return net.eval().to(device), cfg
 
 
+def load_run_vae(cfg: TrainConfig, device: torch.device, path: str | Path | None = None):
+    """The frozen VAE of a DiT run ``cfg`` (``path`` overrides vae.checkpoint), with the run's
+    ``vae.use_ema`` choice of weights: training and sampling decode with the same VAE."""
+    return load_frozen_vae(path or cfg.vae.checkpoint, cfg.vae.use_ema, device)
+
+
 # ---------------------------------------------------------------------------
 # encoding and conditions
 # ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from data_pipeline.typed_config import ConfigError
 
 from trainer import objectives as obj
 from trainer.config import TrainConfig
-from trainer.inference import (as_sdf, batch_condition, encode, latent_scale_factor, load_frozen_vae, network_spec,
+from trainer.inference import (as_sdf, batch_condition, encode, latent_scale_factor, load_run_vae, network_spec,
                                read_network, vae_point_counts)
 
 
@@ -258,7 +258,7 @@ class DitTask:
         self.cfg, self.device = cfg, device
         self.vae, self.vae_cfg = (None, None)
         if cfg.vae.checkpoint:
-            self.vae, self.vae_cfg = load_frozen_vae(cfg.vae.checkpoint, cfg.vae.use_ema, device)
+            self.vae, self.vae_cfg = load_run_vae(cfg, device)
         self.voxel = family(cfg.model.name) == "voxel_dit"
         if self.vae is not None and self.voxel != isinstance(self.vae, models.VoxelVAE):
             raise ConfigError(f"vae.checkpoint: a {cfg.model.name} needs a {'voxel' if self.voxel else 'vecset'} VAE")

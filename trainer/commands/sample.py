@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--vae: the DiT was trained on cached latents; give the VAE checkpoint to decode them")
     if cfg.condition.kind == "class" and args.class_id is None:
         raise ConfigError("--class-id: this DiT is class-conditioned; give a class id")
-    vae, vae_cfg = inference.load_frozen_vae(vae_path, use_ema=True, device=device)
+    vae, vae_cfg = inference.load_run_vae(cfg, device, vae_path)   # EMA or raw weights as the run's vae.use_ema
     net = net.to(device)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.num, *derived["latent_shape"], generator=gen).to(device)
