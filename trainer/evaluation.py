@@ -75,7 +75,7 @@ class Evaluator:
     def _vae(self, net: nn.Module, out_dir: Path) -> tuple[dict[str, float], list[Path]]:
         batch, ev = self._fixed_batch(), self.cfg.eval
         rec = inference.reconstruct(net, self.cfg, batch, resolution=ev.grid_resolution, chunk=ev.query_chunk)
-        files, meshes = inference.write_meshes(rec.grids, out_dir, "recon")
+        files, meshes = inference.write_meshes(rec.grids, out_dir, "recon", inputs=inference.input_points(batch))
         metrics = {"iou": float(rec.iou.mean())}                  # all queries (volume + near-surface)
         if rec.pred is not None:
             # the loader puts the uniform volume queries first: their IoU is the usual volume IoU

@@ -224,8 +224,9 @@ def decode_grids(vae: nn.Module, latents: Tensor, *, kind: str, resolution: int,
 
 
 def write_meshes(grids: list[np.ndarray], out_dir: Path, prefix: str, fmt: str = "obj",
-                 preview: bool = True) -> tuple[list[Path], list[Any]]:
-    """Marching cubes on each grid; writes meshes (+ PNG previews); returns (files, meshes or None)."""
+                 preview: bool = True, inputs: list[np.ndarray] | None = None) -> tuple[list[Path], list[Any]]:
+    """Marching cubes on each grid; writes meshes (+ PNG previews cropped to the object, next to
+    ``inputs[i]`` [P, 3], the input's points, when given); returns (files, meshes or None)."""
     files, meshes = [], []
     for i, grid in enumerate(grids):
         mesh = meshing.grid_to_mesh(grid)
@@ -233,8 +234,22 @@ def write_meshes(grids: list[np.ndarray], out_dir: Path, prefix: str, fmt: str =
         if mesh is not None:
             files.append(meshing.save_mesh(mesh, out_dir / f"{prefix}_{i:02d}.{fmt}"))
         if preview:
-            files.append(meshing.save_preview(mesh, out_dir / f"{prefix}_{i:02d}.png", f"{prefix} {i}"))
+            files.append(meshing.save_preview(mesh, out_dir / f"{prefix}_{i:02d}.png", f"{prefix} {i}",
+                                              reference=None if inputs is None else inputs[i]))
     return files, meshes
+
+
+def input_points(batch: dict[str, Any]) -> list[np.ndarray]:
+    """Per sample [P, 3] points showing a VAE's input: its surface points, or the occupied voxel centres
+    of an occupancy grid [B, 1, D, H, W] (in the schema box, as grid_to_mesh places cells)."""
+    if "surface" in batch and batch["surface"].shape[1] > 1:
+        return [s.cpu().numpy() for s in batch["surface"]]
+    out = []
+    for occ in batch["occ"][:, 0].cpu().numpy():
+        cells = np.argwhere(occ > 0.5)
+        out.append(((cells + 0.5) / np.array(occ.shape) * 2 * meshing.COORD_RANGE - meshing.COORD_RANGE)
+                   .astype(np.float32))
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -45,32 +45,68 @@ def save_mesh(mesh, path: Path) -> Path:
     return path
 
 
-def save_preview(mesh, path: Path, title: str = "") -> Path:
-    """A shaded matplotlib render (no GPU/OpenGL needed) of the mesh, or an 'empty' card."""
-    import matplotlib
-    matplotlib.use("Agg")
+def view_bounds(mesh, reference: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """(centre [3], half side) of a cube around the mesh and the reference points with a 5 % margin,
+    so a preview shows the object, not the whole [-1, 1] box; the box itself when both are empty."""
+    parts = [np.asarray(mesh.vertices)] if mesh is not None and len(mesh.faces) else []
+    if reference is not None and len(reference):
+        parts.append(np.asarray(reference))
+    if not parts:
+        return np.zeros(3), 1.0
+    pts = np.concatenate(parts)
+    lo, hi = pts.min(0), pts.max(0)
+    return (lo + hi) / 2, max(float((hi - lo).max()) / 2 * 1.05, 1e-3)
+
+
+def _draw_mesh(ax, mesh) -> None:
     import matplotlib.pyplot as plt
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
-    fig = plt.figure(figsize=(4, 4))
-    ax = fig.add_subplot(projection="3d")
     if mesh is None or len(mesh.faces) == 0:
         ax.text2D(0.3, 0.5, "empty level set", transform=ax.transAxes)
-    else:
-        faces = mesh.faces if len(mesh.faces) <= 40000 else mesh.faces[np.linspace(0, len(mesh.faces) - 1, 40000).astype(int)]
-        tris = mesh.vertices[faces]
-        normals = np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0])
-        normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-        shade = 0.3 + 0.7 * np.clip(normals @ np.array([0.4, 0.3, 0.87]), 0, 1)
-        # show y up: plot (x, z, y)
-        ax.add_collection3d(Poly3DCollection(tris[:, :, [0, 2, 1]], facecolors=plt.cm.Greys(1 - shade * 0.8),
-                                             linewidths=0))
-    for setter in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
-        setter(-1, 1)
+        return
+    faces = mesh.faces if len(mesh.faces) <= 40000 else mesh.faces[np.linspace(0, len(mesh.faces) - 1, 40000).astype(int)]
+    tris = mesh.vertices[faces]
+    normals = np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0])
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    shade = 0.3 + 0.7 * np.clip(normals @ np.array([0.4, 0.3, 0.87]), 0, 1)
+    # show y up: plot (x, z, y)
+    ax.add_collection3d(Poly3DCollection(tris[:, :, [0, 2, 1]], facecolors=plt.cm.Greys(1 - shade * 0.8),
+                                         linewidths=0))
+
+
+def _frame(ax, centre: np.ndarray, half: float, title: str) -> None:
+    for setter, c in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), centre[[0, 2, 1]]):  # y up
+        setter(c - half, c + half)
+    ax.set_box_aspect((1, 1, 1), zoom=1.35)   # mplot3d pads its box: zoom in on the cube
     ax.set_axis_off()
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=9)
+
+
+def save_preview(mesh, path: Path, title: str = "", reference: np.ndarray | None = None) -> Path:
+    """A shaded matplotlib render (no GPU/OpenGL needed) of the mesh (or an 'empty' card), cropped to the
+    object. With ``reference`` [P, 3] (the input's surface points) the input is drawn on the left and
+    the mesh on the right, in the same frame, so a reconstruction can be judged against its input."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reference = None if reference is None else np.asarray(reference, dtype=np.float32)
+    centre, half = view_bounds(mesh, reference)
+    panels = 1 if reference is None else 2
+    fig = plt.figure(figsize=(4 * panels, 4.2))
+    if reference is not None:
+        ax = fig.add_subplot(1, 2, 1, projection="3d")
+        pts = reference[np.linspace(0, len(reference) - 1, min(len(reference), 4000)).astype(int)]
+        ax.scatter(pts[:, 0], pts[:, 2], pts[:, 1], s=1.5, c=pts[:, 1], cmap="viridis", linewidths=0)
+        _frame(ax, centre, half, "input")
+    ax = fig.add_subplot(1, panels, panels, projection="3d")
+    _draw_mesh(ax, mesh)
+    _frame(ax, centre, half, "reconstruction" if reference is not None else "")
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=0.92, wspace=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 

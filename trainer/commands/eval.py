@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.02, help="F-score distance threshold (normalised units)")
     parser.add_argument("--surface-points", type=int, default=4096, help="points per surface for Chamfer / F-score")
     parser.add_argument("--no-ema", action="store_true")
+    parser.add_argument("--previews", default=None, help="directory for one PNG per sample: input surface "
+                        "points next to the reconstruction, cropped to the object")
 
 
 def _loader(args, cfg, voxel: bool):
@@ -48,9 +50,13 @@ def _evaluate_batch(net, batch, cfg, args) -> list[dict]:
     for i, grid in enumerate(rec.grids):
         if not bool(batch["valid"][i]):
             continue
-        scores = inference.surface_scores(meshing.grid_to_mesh(grid), batch["surface"][i], args.threshold,
-                                          args.surface_points)
+        mesh = meshing.grid_to_mesh(grid)
+        scores = inference.surface_scores(mesh, batch["surface"][i], args.threshold, args.surface_points)
         rows.append({"id": batch["id"][i], "iou": float(rec.iou[i]), **scores})
+        if args.previews:
+            meshing.save_preview(mesh, Path(args.previews) / f"{batch['id'][i]}.png",
+                                 f"{batch['id'][i]}: IoU {float(rec.iou[i]):.3f}, F-score {scores['fscore']:.3f}",
+                                 reference=inference.input_points(batch)[i])
     return rows
 
 
