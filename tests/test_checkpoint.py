@@ -123,6 +123,7 @@ def test_a_run_or_checkpoints_directory_means_its_latest_complete_checkpoint(tmp
     err = capsys.readouterr().err
     assert err.count(f"using {step2}") == 2                   # said for the run and checkpoints/ forms only
     loaded, loaded_cfg, meta = load_network(run)
+    assert isinstance(loaded, models.VecSetDiT)
     assert meta["step"] == 2 and loaded_cfg.model.name == "vecset_dit/debug"
     assert ckpt.resolve_resume(run / "checkpoints", str(run)) == step2
     with pytest.raises(FileNotFoundError, match="run directory"):

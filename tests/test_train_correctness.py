@@ -227,7 +227,8 @@ def test_scale_factor_latents_are_posterior_samples_for_latents_sample():
     cfg = load_train_config("vecset_dit_debug", ["data.path=unused", "vae.latents=cached"])
     cfg.vae.latents = "sample"                               # a VAE network is attached below instead
     task = DitTask(cfg, torch.device("cpu"))
-    task.vae = vae_task().net.eval()
+    vae = vae_task()
+    task.vae, task.vae_cfg = vae.net.eval(), vae.cfg
     init_posterior_head(task.vae.encoder.to_moments, logvar=2.0)   # posterior std e: noise dominates
     gen = torch.Generator().manual_seed(0)
     batches = [{**vecset_batch(torch.zeros(2, 1), gen), "id": ["a", "b"]} for _ in range(2)]
