@@ -76,3 +76,11 @@ def test_resampling_can_be_switched_off_for_training(loader_shards):  # noqa: F8
     seen = surfaces_by_id(loader_shards, "train", total, resample=False)
     repeated = [v for v in seen.values() if len(v) >= 2]
     assert repeated and all(np.array_equal(v[0], v[1]) for v in repeated)
+
+
+def test_coincident_points_keep_the_count():
+    """Quantised sharp-edge points can coincide; FPS then repeats rows, which must not add points."""
+    points = np.repeat(stored_points(10), 5, axis=0)                    # 10 distinct points, 50 rows
+    for seed in range(20):
+        idx = fresh_fps_indices(points, 30, 20, np.random.default_rng(seed))
+        assert len(idx) == 30 and len(set(idx.tolist())) == 30

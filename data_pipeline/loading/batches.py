@@ -200,6 +200,7 @@ def fresh_fps_indices(points: np.ndarray, count: int, num_fps: int, rng: np.rand
     h = min(5, count.bit_length() - 1)  # kd-tree height (5: fpsample's speed/accuracy choice); 2**h <= count
     order = fpsample.bucket_fps_kdline_sampling(rows(points, idx).astype(np.float32), k, h=h,
                                                 start_idx=int(rng.integers(count)))
+    order = order[np.sort(np.unique(order, return_index=True)[1])]  # FPS repeats rows once points coincide
     rest = np.ones(count, dtype=bool)
     rest[order] = False
     return np.concatenate([idx[order], idx[rest]])
