@@ -53,6 +53,8 @@ class DiTConfig:
     norm_affine: bool = True         # the cross-attention's pre-norm
     final_adaln: bool = True         # False: plain LayerNorm + linear output layer (PartPacker)
     part_embed: bool = False         # a learned vector added to the second half of the tokens (PartPacker parts)
+    context_norm: bool = True        # tokens mode: non-affine LayerNorm on the condition tokens (False: as
+                                     # given; PartPacker's released DiT gets tokens its pipeline normalised)
 
     def style(self) -> BlockStyle:
         return BlockStyle(self.qk_norm, self.qk_norm_scope, True, self.mlp_ratio, self.gelu, 1e-6, self.norm_affine)
@@ -94,7 +96,8 @@ class DiTTrunk(nn.Module):
         context_dim = None
         if cfg.condition == "tokens":
             context_dim = cfg.condition_dim
-            self.context_norm = nn.LayerNorm(cfg.condition_dim, elementwise_affine=False, eps=1e-6)
+            self.context_norm = (nn.LayerNorm(cfg.condition_dim, elementwise_affine=False, eps=1e-6)
+                                 if cfg.context_norm else nn.Identity())
             if cfg.null_condition == "learned":
                 self.null_token = nn.Parameter(torch.randn(cfg.condition_dim) * 0.02)
             else:

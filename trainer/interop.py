@@ -325,7 +325,8 @@ def pp_dit_config(p: dict[str, Any]) -> models.DiTConfig:
         heads=p["num_heads"], mlp_ratio=4.0,
         qk_norm={"LayerNorm": "layernorm", "RMSNorm": "rmsnorm"}[p["qknorm_type"]] if p["qknorm"] else "none",
         condition="tokens", condition_dim=p["hidden_dim"], null_condition="zero", time_scale=1000.0,
-        qk_norm_scope="width", gelu="exact", norm_affine=False, final_adaln=False, part_embed=bool(p["use_parts"]))
+        qk_norm_scope="width", gelu="exact", norm_affine=False, final_adaln=False, part_embed=bool(p["use_parts"]),
+        context_norm=False)
 
 
 def pp_dit_groups(cfg: models.DiTConfig) -> list[Group]:
