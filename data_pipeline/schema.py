@@ -1,4 +1,4 @@
-"""Shard schema v1: the contract between preprocessing (writer) and the loader (reader).
+"""Shard schema v2 (v1 + condition views): the contract between preprocessing (writer) and the loader (reader).
 
 One WebDataset sample per input mesh. Coordinates are stored as uint16 over
 [-COORD_RANGE, COORD_RANGE] (step 2*1.05/65535 = 3.2e-5), unit normals as int8
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                     # 2 = 1 + condition views (view_{i}.png, json "views")
+READABLE_SCHEMA_VERSIONS = (1, 2)
+MAX_VIEWS = 64                         # view_0.png .. view_63.png at most
 COORD_RANGE = 1.05                     # quantisation box and volume-query box: [-1.05, 1.05]^3
 NORMALISED_HALF_EXTENT = 0.95          # longest bbox side maps to [-0.95, 0.95]
 COORD_LEVELS = np.iinfo(np.uint16).max  # 65535 steps
@@ -71,3 +73,11 @@ def occupancy_grid_centers(resolution: int) -> np.ndarray:
     edge = (np.arange(resolution, dtype=np.float64) + 0.5) / resolution * 2 * COORD_RANGE - COORD_RANGE
     grid = np.stack(np.meshgrid(edge, edge, edge, indexing="ij"), axis=-1)
     return grid.astype(np.float32)
+
+
+def view_key(index: int) -> str:
+    """Tar member suffix of condition view ``index``: RGBA PNG, alpha = coverage (schema v2)."""
+    return f"view_{index}.png"
+
+
+VIEW_KEYS = tuple(view_key(i) for i in range(MAX_VIEWS))

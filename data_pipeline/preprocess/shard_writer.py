@@ -36,10 +36,13 @@ def job_tag(job_index: int, num_jobs: int) -> str:
 
 
 def encode_sample(sample: dict) -> dict[str, bytes]:
-    """Arrays -> .npy bytes, json dict -> utf-8; ``__key__`` is the mesh id."""
+    """Arrays -> .npy bytes, json dict -> utf-8, bytes (PNG views) as they are; ``__key__`` is the mesh id."""
     encoded: dict = {"__key__": sample["json"]["id"]}
     for key, value in sample.items():
-        encoded[key] = json.dumps(value).encode() if key == "json" else encode_npy(value)
+        if key == "json":
+            encoded[key] = json.dumps(value).encode()
+        else:
+            encoded[key] = value if isinstance(value, bytes) else encode_npy(value)
     return encoded
 
 
