@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from data_pipeline.typed_config import ConfigError, load_config
 
@@ -91,7 +91,12 @@ class ConditionConfig:
     p_uncond: float = 0.1               # condition dropout for classifier-free guidance
     num_classes: int = 0                # class: number of ids
     key: str = ""                       # batch key holding the class id / embedding / image
-    image_encoder: str = ""             # image: local path of a DINOv2 checkpoint (never downloaded)
+    image_encoder: str = ""             # image: DINOv2 save_pretrained folder, or a hub id (downloaded by transformers)
+    image_size: int = 518               # image: encoder input size (multiple of the patch size 14)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)   # image: RGBA views are composited on this
+    cache: bool = False                 # image: encode each (sample, view) once per process (in memory)
+    train_views: Optional[list[int]] = None   # image: views training draws from (None: all); the rest are held out
+    eval_view: int = 0                  # image: the view evaluation and --views-from use
 
 
 @dataclass
@@ -198,7 +203,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _require(cfg.condition.kind != "class" or cfg.condition.num_classes > 0, "condition.num_classes",
                  "must be > 0 for condition.kind=class")
         _require(cfg.condition.kind != "image" or bool(cfg.condition.image_encoder), "condition.image_encoder",
-                 "is required for condition.kind=image (a local DINOv2 path)")
+                 "is required for condition.kind=image (a DINOv2 save_pretrained folder or hub id)")
+        _require(cfg.condition.image_size >= 14 and cfg.condition.image_size % 14 == 0, "condition.image_size",
+                 "must be a positive multiple of 14 (the DINOv2 patch size)")
+        _require(all(0.0 <= c <= 1.0 for c in cfg.condition.background), "condition.background",
+                 "must be three values in [0, 1]")
     return cfg
 
 

@@ -116,11 +116,13 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def build_loader(cfg: TrainConfig, task: Task, engine: Engine, seed_offset: int = 0):
+def build_loader(cfg: TrainConfig, task: Task, engine: Engine, seed_offset: int = 0, evaluation: bool = False):
+    """The training loader (``evaluation``: the same stream with the task's evaluation options, e.g. a
+    fixed condition view)."""
     return data_loader.make_loader(
         cfg.data.path, task=task.loader_task(), batch_size=cfg.data.batch_size, mode="train",
         seed=cfg.run.seed + seed_offset, rank=engine.rank, world_size=engine.world_size,
-        num_workers=cfg.data.num_workers, **task.loader_options())
+        num_workers=cfg.data.num_workers, **task.loader_options(evaluation))
 
 
 @dataclass
