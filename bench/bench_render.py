@@ -21,16 +21,16 @@ from pathlib import Path
 os.environ.setdefault("LP_NUM_THREADS", "1")     # llvmpipe rasteriser threads: one core
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import trimesh  # noqa: E402
+import numpy as np
+import trimesh
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline import cameras  # noqa: E402
-from data_pipeline.preprocess import render  # noqa: E402
-from data_pipeline.preprocess.appearance import colored_parts  # noqa: E402
-from data_pipeline.preprocess.mesh_io import normalise, read_parts  # noqa: E402
+from data_pipeline import cameras
+from data_pipeline.preprocess import render
+from data_pipeline.preprocess.appearance import colored_parts
+from data_pipeline.preprocess.mesh_io import normalise, read_parts
 
 
 def clock():

@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_fixtures import FAST, train_shards  # noqa: F401  (fixture)
 
 import models
 from data_pipeline.typed_config import ConfigError
 from trainer import commands as cli
-from trainer import objectives as obj
 from trainer.config import load_train_config
-from trainer.image_encoder import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder, save_tiny_dinov2
+from trainer.image_encoder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageEncoder,
+    save_tiny_dinov2,
+)
 from trainer.loop import train
 from trainer.tasks import BatchRandom, DitObjective
-
-from train_fixtures import FAST, train_shards  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

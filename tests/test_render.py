@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import trimesh
 from PIL import Image
+from train_fixtures import FAST
 
 from data_pipeline import cameras, schema
 from data_pipeline.loading.batches import BadSample, parse_task_options, sample_arrays
@@ -21,8 +22,6 @@ from data_pipeline.preprocess.render import render_views
 from trainer import commands as cli
 from trainer.config import load_train_config
 from trainer.loop import train
-
-from train_fixtures import FAST
 
 REPO = Path(__file__).resolve().parent.parent
 MESH_DIR = REPO / "assets" / "meshes"
@@ -69,10 +68,10 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_analytic_silhouettes_match_exact_projections(shape):
     if shape == "sphere":
         mesh = trimesh.creation.icosphere(subdivisions=6, radius=0.9)
-        exact = lambda k, w2c: sphere_silhouette(k, w2c, 0.9)                       # noqa: E731
+        exact = lambda k, w2c: sphere_silhouette(k, w2c, 0.9)
     else:
         mesh = trimesh.creation.box(extents=(1.8, 1.0, 1.4))
-        exact = lambda k, w2c: convex_silhouette(k, w2c, mesh.vertices)              # noqa: E731
+        exact = lambda k, w2c: convex_silhouette(k, w2c, mesh.vertices)
     cams = cameras.sample_cameras("00ff00ff00ff00ff00ff00ff", 4, RIG)
     images = render_views(colored_parts([mesh], np.zeros(3), 1.0), cams, SIZE)
     for image, cam in zip(images, cams):

@@ -77,7 +77,7 @@ def _context():
         try:
             import moderngl
             _CONTEXT = moderngl.create_standalone_context(backend="egl", require=330)
-        except Exception as err:  # ImportError, or moderngl's generic Exception for a missing libEGL
+        except Exception as err:  # noqa: BLE001  (ImportError, or moderngl's bare Exception for a missing libEGL)
             raise RenderError(
                 f"condition views need a headless OpenGL 3.3 context through EGL ({type(err).__name__}: {err}); "
                 "install the Python package moderngl and Debian's libegl1 + libgl1-mesa-dri "
