@@ -92,7 +92,7 @@ def test_image_dit_trains_and_samples_from_a_png(train_shards, tmp_path, tiny_di
         f"data.path={train_shards}", f"run.dir={run_dir}", f"vae.checkpoint={vae_dir}/checkpoints/step_00000002",
         *FAST, "data.options={}", "run.max_steps=2", "condition.kind=image", f"condition.image_encoder={tiny_dinov2}",
         "condition.image_size=56", "condition.cache=true", "condition.train_views=[0, 1, 2]",
-        "condition.eval_view=3", "eval.cfg_scale=3.0"]))
+        "condition.eval_view=3", "eval.guidance=3.0"]))
     assert summary["step"] == 2 and summary["skipped_steps"] == 0
     assert (run_dir / "eval" / "step_00000002" / "condition_00.png").exists()   # condition | sample
     picture = tmp_path / "photo.png"
