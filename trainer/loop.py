@@ -27,7 +27,8 @@ from data_pipeline.typed_config import save_config
 
 from trainer import checkpoint as ckpt
 from trainer.config import OptimConfig, TrainConfig
-from trainer.engines import Engine, create_engine
+from trainer.engines import Engine, create_engine, resolve_run_config
+from trainer.engines.resolve import resolved_header
 from trainer.evaluation import Evaluator
 from trainer.tasks import BatchRandom, Task, make_task, to_device
 from trainer.tracking import Tracker
@@ -135,6 +136,7 @@ class Trainer:
     evaluator: Evaluator
     step: int = 0
     tracker_run_id: str | None = None
+    resolved_from: dict[str, str] = field(default_factory=dict)   # engine setting -> its source
     best_metric_candidate: float | None = None   # last logged loss: the checkpoint's "best" score
     losses: dict[int, float] = field(default_factory=dict)   # step -> this rank's loss (for tests)
 
@@ -168,7 +170,8 @@ class Trainer:
         self.evaluator.flush_plots()
         ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.step, ema=self.ema,
                              loader_state=loader_state, config=self.cfg,
-                             meta_extra={"mlflow_run_id": self.tracker_run_id, "derived": derived},
+                             meta_extra={"mlflow_run_id": self.tracker_run_id, "derived": derived,
+                                         "resolved_from": self.resolved_from},
                              metric=self.best_metric_candidate, keep_last=self.cfg.run.keep_last)
 
     def fit(self) -> dict[str, Any]:
@@ -210,7 +213,7 @@ class Trainer:
                 "mlflow_run_id": self.tracker_run_id, "eval": final}
 
 
-def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
+def setup(cfg: TrainConfig, engine: Engine, resolved_from: dict[str, str] | None = None) -> Trainer:
     seed_everything(cfg.run.seed, engine.rank)
     run_dir = Path(cfg.run.dir)
     task = make_task(cfg, engine.device)
@@ -232,25 +235,30 @@ def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
         step, run_id = meta["step"], meta.get("mlflow_run_id")
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", resolved_header(resolved_from or {}))
     tracker = Tracker(run_dir, enabled=engine.is_main)
     run_id = engine.broadcast_object(tracker.start(cfg, run_id))
     tracker.set_tags({"shapeflow.world_size": engine.world_size, "shapeflow.strategy": engine.strategy,
-                      "shapeflow.launcher": engine.launch.launcher})
+                      "shapeflow.launcher": engine.launch.launcher,
+                      **{f"shapeflow.resolved_from.{k}": v for k, v in (resolved_from or {}).items()}})
     if engine.is_main:
         tracker.log_artifact(run_dir / "config.yaml")
     evaluator = Evaluator(cfg, task, engine, tracker, make_loader)
     trainer = Trainer(cfg, engine, task, model, ema, loader, tracker, evaluator, step=step)
-    trainer.tracker_run_id = run_id
+    trainer.tracker_run_id, trainer.resolved_from = run_id, dict(resolved_from or {})
     return trainer
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...)."""
+    """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...).
+
+    The engine settings are resolved from every source first (trainer/engines/resolve.py), so the
+    config saved in run.dir, the checkpoints and MLflow is the one that runs."""
+    cfg, resolved_from = resolve_run_config(cfg)
     engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
     trainer, tracker, finished = None, None, False
     try:
-        trainer = setup(cfg, engine)
+        trainer = setup(cfg, engine, resolved_from)
         tracker = trainer.tracker
         summary = trainer.fit()
         tracker.finish("FINISHED")
