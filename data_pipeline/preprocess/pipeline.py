@@ -21,7 +21,7 @@ from data_pipeline.preprocess.sampling import (fps_first, fps_order, near_querie
 from data_pipeline.preprocess.fidelity import faithful_watertight
 from data_pipeline.preprocess.watertight import signed_volume
 
-PIPELINE_VERSION = "preprocess-3"  # 2: points stored FPS order first; 3: max_deviation gate, quality record
+PIPELINE_VERSION = "preprocess-4"  # 2: FPS order first; 3: max_deviation gate, quality record; 4: crc32 in the json
 WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
                       "shell": "eps-shell around the input + flood fill + marching cubes"}
 
