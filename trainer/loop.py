@@ -30,6 +30,7 @@ from trainer.config import OptimConfig, TrainConfig
 from trainer.engines import Engine, create_engine, resolve_run_config
 from trainer.engines.resolve import resolved_header
 from trainer.evaluation import Evaluator
+from trainer.preemption import StopRequest
 from trainer.tasks import BatchRandom, Task, make_task, to_device
 from trainer.tracking import Tracker
 
@@ -139,6 +140,8 @@ class Trainer:
     resolved_from: dict[str, str] = field(default_factory=dict)   # engine setting -> its source
     best_metric_candidate: float | None = None   # last logged loss: the checkpoint's "best" score
     losses: dict[int, float] = field(default_factory=dict)   # step -> this rank's loss (for tests)
+    stop: StopRequest = field(default_factory=StopRequest)
+    stop_agreed: bool = False          # some rank got a stop signal: every rank stops after this step
 
     @property
     def run_dir(self) -> Path:
@@ -159,7 +162,9 @@ class Trainer:
                 engine.backward(loss / accum)
             for k, v in metrics.items():
                 totals[k] += v / accum
-        loss_ok = engine.all_reduce_mean({"finite": float(math.isfinite(totals["loss"]))})["finite"] == 1.0
+        agreed = engine.all_reduce_mean({"finite": float(math.isfinite(totals["loss"])),
+                                         "stop": float(self.stop.requested)})   # one collective for both
+        loss_ok, self.stop_agreed = agreed["finite"] == 1.0, agreed["stop"] > 0
         grad_norm, applied = engine.step(cfg.optim.clip_grad_norm, skip=not loss_ok)
         totals["grad_norm"] = grad_norm if math.isfinite(grad_norm) else 0.0
         return dict(totals), applied
@@ -174,7 +179,19 @@ class Trainer:
                                          "resolved_from": self.resolved_from},
                              metric=self.best_metric_candidate, keep_last=self.cfg.run.keep_last)
 
+    def data_counts(self) -> dict[str, float]:
+        """The loader's integrity counters summed over ranks (corrupt samples, short shards, ...)."""
+        counts = self.loader.counts()
+        keys = sorted(counts)
+        summed = self.engine.all_reduce_sum(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64,
+                                                         device=self.engine.device))
+        return {f"data_{k}": float(v) for k, v in zip(keys, summed.tolist())}
+
     def fit(self) -> dict[str, Any]:
+        with self.stop:
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, engine = self.cfg, self.engine
         guard = NonFiniteGuard(cfg.run.nan_guard)
         window = MetricWindow()
@@ -195,6 +212,7 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
                 logged = window.reduce(engine)
+                logged.update(self.data_counts())
                 logged.update(lr=engine.lr(), skipped_steps=float(guard.skipped),
                               samples_per_s=samples_per_step * cfg.run.log_every / max(elapsed, 1e-9))
                 self.best_metric_candidate = logged["loss"]
@@ -204,13 +222,16 @@ class Trainer:
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.max_steps:
                 self.evaluator.run(self.step, self.ema)
                 tic = time.perf_counter()  # samples/s measures training only
-            if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps:
+            if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps or self.stop_agreed:
                 self.save()
                 tic = time.perf_counter()
+            if self.stop_agreed:
+                break
         bar.close()
-        final = self.evaluator.run(self.step, self.ema)
+        final = None if self.stop_agreed else self.evaluator.run(self.step, self.ema)
         return {"step": self.step, "losses": dict(self.losses), "skipped_steps": guard.skipped,
-                "mlflow_run_id": self.tracker_run_id, "eval": final}
+                "mlflow_run_id": self.tracker_run_id, "eval": final, "data": self.data_counts(),
+                "preempted": self.stop.signal_name or ("another rank's stop signal" if self.stop_agreed else None)}
 
 
 def setup(cfg: TrainConfig, engine: Engine, resolved_from: dict[str, str] | None = None) -> Trainer:
@@ -261,7 +282,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer = setup(cfg, engine, resolved_from)
         tracker = trainer.tracker
         summary = trainer.fit()
-        tracker.finish("FINISHED")
+        tracker.finish("KILLED" if summary["preempted"] else "FINISHED")
         finished = True
         return summary
     except BaseException:
