@@ -62,7 +62,7 @@ def train_cmd(shards: Path, run_dir: Path, steps: int, ckpt_every: int) -> list[
             f"run.max_steps={steps}", f"run.ckpt_every={ckpt_every}", "run.log_every=1", "run.keep_last=2",
             "run.progress=false", "run.eval_every=0", "data.batch_size=1", "optim.warmup_steps=2",
             "data.options={num_surface: 128, num_vol: 128, num_near: 128}", "eval.num_samples=1",
-            "eval.grid_resolution=16", "eval.sample_steps=2", "engine.timeout_s=60"]
+            "eval.grid_resolution=16", "eval.sample_steps=2", "engine.timeout_s=300"]
 
 
 def workers(launcher_pid: int) -> dict[int, int]:
@@ -119,15 +119,28 @@ def resume(cmd_factory, log) -> int:
 
 def outcome(run_dir: Path, steps: int) -> tuple[dict, dict[int, float]]:
     """(final network weights, step -> last logged loss) of a finished run."""
-    from mlflow.tracking import MlflowClient
-
     from trainer.checkpoint import network_state
 
     weights = network_state(run_dir / "checkpoints" / f"step_{steps:08d}", use_ema=False)
-    meta = json.loads((run_dir / "checkpoints" / f"step_{steps:08d}" / "meta.json").read_text())
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    history = sorted(client.get_metric_history(meta["mlflow_run_id"], "loss"), key=lambda m: (m.step, m.timestamp))
-    return weights, {m.step: m.value for m in history}
+    return weights, loss_history(run_dir)
+
+
+def loss_history(run_dir: Path) -> dict[int, float]:
+    """step -> last logged loss in the run's MLflow store; empty before the first log.
+
+    Read straight from the sqlite file, read-only: an MlflowClient would create or migrate the
+    database and can race the training job doing the same."""
+    import sqlite3
+
+    db = run_dir / "mlflow.db"
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+            rows = con.execute("SELECT step, value FROM metrics WHERE key = 'loss' ORDER BY step, timestamp").fetchall()
+    except sqlite3.OperationalError:   # the job is still creating its tables
+        return {}
+    return {int(step): float(value) for step, value in rows}
 
 
 def compare(got: tuple, want: tuple, rtol: float) -> list[str]:

@@ -188,10 +188,6 @@ class Trainer:
         return {f"data_{k}": float(v) for k, v in zip(keys, summed.tolist())}
 
     def fit(self) -> dict[str, Any]:
-        with self.stop:
-            return self._fit()
-
-    def _fit(self) -> dict[str, Any]:
         cfg, engine = self.cfg, self.engine
         guard = NonFiniteGuard(cfg.run.nan_guard)
         window = MetricWindow()
@@ -278,10 +274,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg, resolved_from = resolve_run_config(cfg)
     engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
     trainer, tracker, finished = None, None, False
+    stop = StopRequest()   # caught from here on: a signal during set-up stops after the first step
     try:
-        trainer = setup(cfg, engine, resolved_from)
-        tracker = trainer.tracker
-        summary = trainer.fit()
+        with stop:
+            trainer = setup(cfg, engine, resolved_from)
+            trainer.stop, tracker = stop, trainer.tracker
+            summary = trainer.fit()
         tracker.finish("KILLED" if summary["preempted"] else "FINISHED")
         finished = True
         return summary
