@@ -34,6 +34,22 @@ ARRAY_KEYS: dict[str, tuple[str, str]] = {
     "occ.npy": ("uint8", "[R^3/8] np.packbits of the R^3 occupancy grid, C order (x, y, z)"),
 }
 OPTIONAL_KEYS = ("sharp_near.npy", "sharp_near_sdf.npy")
+# json key: member name -> zlib.crc32 of its bytes, for every member but the json itself (written by
+# preprocessing since pipeline version preprocess-5; older shards have none and still load)
+CHECKSUM_KEY = "crc32"
+
+
+def damaged_members(members: dict[str, bytes], meta: dict) -> list[str] | None:
+    """Names of members whose bytes do not match the CRC32 recorded in the sample's json (``meta``);
+    None when the json records no checksums. Only members present in ``members`` are checked (a
+    reader may skip members it does not use); a recorded member that is present but empty counts."""
+    import zlib
+
+    recorded = meta.get(CHECKSUM_KEY)
+    if not isinstance(recorded, dict):
+        return None
+    return sorted(name for name, crc in recorded.items()
+                  if name in members and zlib.crc32(members[name]) != crc)
 
 
 def quantize_coords(xyz: np.ndarray) -> np.ndarray:

@@ -60,8 +60,10 @@ class RunConfig:
 
 @dataclass
 class EngineConfig:
-    strategy: Literal["ddp", "deepspeed", "fsdp2"] = "ddp"   # ddp also covers the single process
-    zero_stage: int | None = None       # deepspeed only: 1, 2 or 3 (unset: 2)
+    # auto: what the accelerate config asks for, else ddp (which also covers the single process);
+    # the saved run.dir/config.yaml always names the strategy that ran (trainer/engines/resolve.py)
+    strategy: Literal["auto", "ddp", "deepspeed", "fsdp2"] = "auto"
+    zero_stage: int | None = None       # deepspeed only: 1, 2 or 3 (unset: the JSON's stage, else 2)
     offload: Literal["none", "optimizer"] = "none"           # deepspeed only: optimizer state on the CPU
     deepspeed_config: str = ""          # deepspeed only: JSON file (default configs/deepspeed/zero<stage>.json)
     reshard_after_forward: bool = True  # fsdp2 only: free gathered block weights after forward (ZeRO-3 like)
@@ -154,7 +156,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate_engine(engine: EngineConfig) -> EngineConfig:
     """Strategy-specific keys only with their strategy, so a typo'd strategy cannot silently run DDP."""
-    deepspeed = engine.strategy == "deepspeed"
+    deepspeed = engine.strategy in ("deepspeed", "auto")   # auto is checked again once resolved
     _require(engine.zero_stage is None or deepspeed, "engine.zero_stage",
              f"only applies to engine.strategy=deepspeed (strategy is {engine.strategy})")
     _require(engine.zero_stage in (None, 1, 2, 3), "engine.zero_stage", f"must be 1, 2 or 3, got {engine.zero_stage}")
@@ -170,7 +172,7 @@ def validate_engine(engine: EngineConfig) -> EngineConfig:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks; raises ConfigError naming the key."""
-    _require(cfg.engine.strategy in SUPPORTED_STRATEGIES, "engine.strategy",
+    _require(cfg.engine.strategy in (*SUPPORTED_STRATEGIES, "auto"), "engine.strategy",
              f"{cfg.engine.strategy!r} is not supported (supported: {', '.join(SUPPORTED_STRATEGIES)})")
     validate_engine(cfg.engine)
     _require(bool(cfg.data.path), "data.path", "is required (a shard directory or URL list)")

@@ -27,8 +27,10 @@ from data_pipeline.typed_config import save_config
 
 from trainer import checkpoint as ckpt
 from trainer.config import OptimConfig, TrainConfig
-from trainer.engines import Engine, create_engine
+from trainer.engines import Engine, create_engine, resolve_run_config
+from trainer.engines.resolve import resolved_header
 from trainer.evaluation import Evaluator
+from trainer.preemption import StopRequest
 from trainer.tasks import BatchRandom, Task, make_task, to_device
 from trainer.tracking import Tracker
 
@@ -137,8 +139,11 @@ class Trainer:
     evaluator: Evaluator
     step: int = 0
     tracker_run_id: str | None = None
+    resolved_from: dict[str, str] = field(default_factory=dict)   # engine setting -> its source
     best_metric_candidate: float | None = None   # last logged loss: the checkpoint's "best" score
     losses: dict[int, float] = field(default_factory=dict)   # step -> this rank's loss (for tests)
+    stop: StopRequest = field(default_factory=StopRequest)
+    stop_agreed: bool = False          # some rank got a stop signal: every rank stops after this step
 
     @property
     def run_dir(self) -> Path:
@@ -159,7 +164,9 @@ class Trainer:
                 engine.backward(loss / accum)
             for k, v in metrics.items():
                 totals[k] += v / accum
-        loss_ok = engine.all_reduce_mean({"finite": float(math.isfinite(totals["loss"]))})["finite"] == 1.0
+        agreed = engine.all_reduce_mean({"finite": float(math.isfinite(totals["loss"])),
+                                         "stop": float(self.stop.requested)})   # one collective for both
+        loss_ok, self.stop_agreed = agreed["finite"] == 1.0, agreed["stop"] > 0
         grad_norm, applied = engine.step(cfg.optim.clip_grad_norm, skip=not loss_ok)
         totals["grad_norm"] = grad_norm if math.isfinite(grad_norm) else 0.0
         return dict(totals), applied
@@ -170,8 +177,17 @@ class Trainer:
         self.evaluator.flush_plots()
         ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.step, ema=self.ema,
                              loader_state=loader_state, config=self.cfg,
-                             meta_extra={"mlflow_run_id": self.tracker_run_id, "derived": derived},
+                             meta_extra={"mlflow_run_id": self.tracker_run_id, "derived": derived,
+                                         "resolved_from": self.resolved_from},
                              metric=self.best_metric_candidate, keep_last=self.cfg.run.keep_last)
+
+    def data_counts(self) -> dict[str, float]:
+        """The loader's integrity counters summed over ranks (corrupt samples, short shards, ...)."""
+        counts = self.loader.counts()
+        keys = sorted(counts)
+        summed = self.engine.all_reduce_sum(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64,
+                                                         device=self.engine.device))
+        return {f"data_{k}": float(v) for k, v in zip(keys, summed.tolist())}
 
     def fit(self) -> dict[str, Any]:
         cfg, engine = self.cfg, self.engine
@@ -194,6 +210,7 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
                 logged = window.reduce(engine)
+                logged.update(self.data_counts())
                 logged.update(lr=engine.lr(), skipped_steps=float(guard.skipped),
                               samples_per_s=samples_per_step * cfg.run.log_every / max(elapsed, 1e-9))
                 self.best_metric_candidate = logged["loss"]
@@ -203,16 +220,19 @@ class Trainer:
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.max_steps:
                 self.evaluator.run(self.step, self.ema)
                 tic = time.perf_counter()  # samples/s measures training only
-            if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps:
+            if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps or self.stop_agreed:
                 self.save()
                 tic = time.perf_counter()
+            if self.stop_agreed:
+                break
         bar.close()
-        final = self.evaluator.run(self.step, self.ema)
+        final = None if self.stop_agreed else self.evaluator.run(self.step, self.ema)
         return {"step": self.step, "losses": dict(self.losses), "skipped_steps": guard.skipped,
-                "mlflow_run_id": self.tracker_run_id, "eval": final}
+                "mlflow_run_id": self.tracker_run_id, "eval": final, "data": self.data_counts(),
+                "preempted": self.stop.signal_name or ("another rank's stop signal" if self.stop_agreed else None)}
 
 
-def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
+def setup(cfg: TrainConfig, engine: Engine, resolved_from: dict[str, str] | None = None) -> Trainer:
     seed_everything(cfg.run.seed, engine.rank)
     run_dir = Path(cfg.run.dir)
     task = make_task(cfg, engine.device)
@@ -234,28 +254,35 @@ def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
         step, run_id = meta["step"], meta.get("mlflow_run_id")
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", resolved_header(resolved_from or {}))
     tracker = Tracker(run_dir, enabled=engine.is_main)
     run_id = engine.broadcast_object(tracker.start(cfg, run_id))
     tracker.set_tags({"shapeflow.world_size": engine.world_size, "shapeflow.strategy": engine.strategy,
-                      "shapeflow.launcher": engine.launch.launcher})
+                      "shapeflow.launcher": engine.launch.launcher,
+                      **{f"shapeflow.resolved_from.{k}": v for k, v in (resolved_from or {}).items()}})
     if engine.is_main:
         tracker.log_artifact(run_dir / "config.yaml")
     evaluator = Evaluator(cfg, task, engine, tracker, make_loader)
     trainer = Trainer(cfg, engine, task, model, ema, loader, tracker, evaluator, step=step)
-    trainer.tracker_run_id = run_id
+    trainer.tracker_run_id, trainer.resolved_from = run_id, dict(resolved_from or {})
     return trainer
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...)."""
+    """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...).
+
+    The engine settings are resolved from every source first (trainer/engines/resolve.py), so the
+    config saved in run.dir, the checkpoints and MLflow is the one that runs."""
+    cfg, resolved_from = resolve_run_config(cfg)
     engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
     trainer, tracker, finished = None, None, False
+    stop = StopRequest()   # caught from here on: a signal during set-up stops after the first step
     try:
-        trainer = setup(cfg, engine)
-        tracker = trainer.tracker
-        summary = trainer.fit()
-        tracker.finish("FINISHED")
+        with stop:
+            trainer = setup(cfg, engine, resolved_from)
+            trainer.stop, tracker = stop, trainer.tracker
+            summary = trainer.fit()
+        tracker.finish("KILLED" if summary["preempted"] else "FINISHED")
         finished = True
         return summary
     except BaseException:

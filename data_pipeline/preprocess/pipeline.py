@@ -23,8 +23,8 @@ from data_pipeline.preprocess.sampling import (fps_first, fps_order, near_querie
 from data_pipeline.preprocess.fidelity import faithful_watertight
 from data_pipeline.preprocess.watertight import signed_volume
 
-PIPELINE_VERSION = "preprocess-4"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
-                                   # 4: condition views (schema v2)
+PIPELINE_VERSION = "preprocess-5"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
+                                   # 4: condition views (schema v2); 5: crc32 of every member in the json
 WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
                       "shell": "eps-shell around the input + flood fill + marching cubes"}
 
