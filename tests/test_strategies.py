@@ -36,6 +36,9 @@ STRATEGIES = {
     # setting); at debug sizes that is most of them, so the test partitions every parameter
     "zero3": ["engine.strategy=deepspeed", "engine.zero_stage=3", "engine.deepspeed_config={zero3_all}"],
     "fsdp2": ["engine.strategy=fsdp2"],
+    # regional torch.compile (trainer.compile_model) before the wrapping, against the eager one-process run
+    "ddp_compiled": ["engine.strategy=ddp", "engine.compile=true"],
+    "fsdp2_compiled": ["engine.strategy=fsdp2", "engine.compile=true"],
 }
 COMMON = ["optim.warmup_steps=1", "optim.lr=1e-3", "ema.decay=0.5", "run.progress=false"]
 
