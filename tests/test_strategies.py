@@ -134,7 +134,8 @@ def assert_models_close(got: dict, want: dict, rel: float) -> None:
     assert diff <= rel * norm, f"|got - want| = {diff:.3g} > {rel} * |want| = {rel * norm:.3g}"
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.timeout(1800)) if s.endswith("_compiled") else s
+                                      for s in sorted(STRATEGIES)])
 def test_two_processes_match_one_process(runs, strategy):
     one, one_dir = runs.get("ddp", world=1)
     two, two_dir = runs.get(strategy, world=2)
