@@ -36,6 +36,9 @@ STRATEGIES = {
     # setting); at debug sizes that is most of them, so the test partitions every parameter
     "zero3": ["engine.strategy=deepspeed", "engine.zero_stage=3", "engine.deepspeed_config={zero3_all}"],
     "fsdp2": ["engine.strategy=fsdp2"],
+    # regional torch.compile (trainer.compile_model) before the wrapping, against the eager one-process run
+    "ddp_compiled": ["engine.strategy=ddp", "engine.compile=true"],
+    "fsdp2_compiled": ["engine.strategy=fsdp2", "engine.compile=true"],
 }
 COMMON = ["optim.warmup_steps=1", "optim.lr=1e-3", "ema.decay=0.5", "run.progress=false"]
 
@@ -61,7 +64,7 @@ def global_batches(overrides: list[str], path: Path) -> Path:
     return path
 
 
-def launch(world: int, spec: dict, spec_file: Path) -> dict:
+def launch(world: int, spec: dict, spec_file: Path, timeout_s: int = TIMEOUT_S) -> dict:
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -71,7 +74,7 @@ def launch(world: int, spec: dict, spec_file: Path) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER, str(spec_file)]
-    run_commands([cmd], envs=[env], log_dir=spec_file.parent / "logs", timeout_s=TIMEOUT_S)   # exit code 0
+    run_commands([cmd], envs=[env], log_dir=spec_file.parent / "logs", timeout_s=timeout_s)   # exit code 0
     return json.loads((Path(spec["out"]) / "results.json").read_text())
 
 
@@ -105,7 +108,9 @@ class Runs:
             out.mkdir(exist_ok=True)
             tasks = ("vae", "dit") if accum == 1 else ("vae",)
             spec = {"mode": "train", "out": str(out), "jobs": self.jobs(strategy, 4 // world // accum, accum, tasks)}
-            self.results[key] = launch(world, spec, out / "spec.json")
+            # compiled runs build C++ kernels first (minutes on a loaded 2-core machine)
+            timeout = 4 * TIMEOUT_S if strategy.endswith("_compiled") else TIMEOUT_S
+            self.results[key] = launch(world, spec, out / "spec.json", timeout)
         return self.results[key], out
 
 
@@ -129,7 +134,8 @@ def assert_models_close(got: dict, want: dict, rel: float) -> None:
     assert diff <= rel * norm, f"|got - want| = {diff:.3g} > {rel} * |want| = {rel * norm:.3g}"
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.timeout(1800)) if s.endswith("_compiled") else s
+                                      for s in sorted(STRATEGIES)])
 def test_two_processes_match_one_process(runs, strategy):
     one, one_dir = runs.get("ddp", world=1)
     two, two_dir = runs.get(strategy, world=2)

@@ -69,6 +69,9 @@ class EngineConfig:
     reshard_after_forward: bool = True  # fsdp2 only: free gathered block weights after forward (ZeRO-3 like)
     backend: Literal["auto", "gloo", "nccl"] = "auto"        # auto: nccl on GPU, gloo on CPU
     timeout_s: int = 1800               # collective timeout: a dead rank fails the job instead of hanging
+    # regional torch.compile of every block (trainer.compile_model; eager with a warning where the compiler
+    # is missing). None: on for CUDA, off on CPU (minutes of C++ warm-up per run; see docs/benchmarks.md)
+    compile: bool | None = None
 
 
 @dataclass

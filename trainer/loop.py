@@ -57,7 +57,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.
     decay = [p for p in params if p.ndim >= 2]      # no weight decay on biases, norms, embeddings' 1-D params
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **adamw_kernel(params))
+
+
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """The fused AdamW kernel (one kernel for all parameters) for plain CPU/CUDA tensors; the
+    multi-tensor (foreach) one for sharded DTensor parameters (FSDP2)."""
+    plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return {"fused": True} if plain else {"foreach": True}
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
@@ -198,8 +205,14 @@ class Trainer:
                    desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
         batches = iter(self.loader)
         tic = time.perf_counter()
+        first_step = True
         while self.step < cfg.run.max_steps:
             metrics, applied = self.optimizer_step(batches)
+            if first_step:  # compilation (engine.compile) happens here: report it apart from step time
+                first_step, warmup_s, tic = False, time.perf_counter() - tic, time.perf_counter()
+                self.tracker.log_metrics({"warmup_s": warmup_s}, self.step + 1)
+                if engine.is_main and cfg.run.progress:
+                    bar.write(f"first step (compile warm-up included): {warmup_s:.1f} s")
             guard.update(applied, self.step)
             if applied and self.ema is not None:
                 self.ema.update()

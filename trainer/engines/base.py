@@ -139,6 +139,14 @@ class Engine(abc.ABC):
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
+    def compile(self, model: nn.Module) -> nn.Module:
+        """``engine.compile``: regional compilation, applied by ``prepare`` before any wrapping."""
+        wanted = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+        if not wanted:
+            return model
+        from trainer.compile import compile_model
+        return compile_model(model)
+
     # -- identity -------------------------------------------------------
     @property
     def rank(self) -> int:
