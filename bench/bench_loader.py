@@ -88,7 +88,7 @@ def tar_baseline(paths: list[Path]) -> tuple[float, int]:
 
 
 def loader_read(paths: list[Path], loader, verify: bool = True) -> tuple[float, list[dict]]:
-    """CPU seconds of the loader's shard reading (with or without the CRC32 check of every member read)."""
+    """CPU seconds of the loader's shard reading (with or without the checksum check of every member read)."""
     plan = dataclasses.replace(loader.plan, verify=verify)
     start, raws = time.process_time(), []
     for path in paths:
@@ -160,7 +160,7 @@ def bench_profile(name: str, options: dict, batch_size: int, paths: list[Path], 
     print(f"decode + collate    {1 / decode_per_sample:8.1f} samples/s   decode/tar-read time "
           f"{res['decode_over_tar_read']:.2f}, decode/loader-read time {res['decode_over_loader_read']:.2f} "
           f"(target < 0.5)")
-    print(f"checksum verification (CRC32 of every member read, on by default): read {st['read_s']:.3f} s vs "
+    print(f"checksum verification (XXH3 checksum of every member read, on by default): read {st['read_s']:.3f} s vs "
           f"{st['unverified_read_s']:.3f} s unverified CPU, {100 * res['verify_cost_of_read_plus_decode']:.1f}% "
           f"of read + decode")
     for workers in (0, 1, 2):

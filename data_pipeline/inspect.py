@@ -5,7 +5,7 @@ with its dtypes, row counts and value ranges (coordinates dequantised to the
 normalised space), the preprocessing failures summary (failures.jsonl), and
 writes a preview PNG of a few samples' query points (near-surface ones and the volume
 queries inside the shape) coloured by SDF. With ``verify`` every member of every sample is
-checked against the CRC32 its json records, and each damaged sample is listed (shard, sample,
+checked against the checksum its json records, and each damaged sample is listed (shard, sample,
 member). Exit code 1 when a shard cannot be read, disagrees with the manifest or holds damage.
 """
 from __future__ import annotations

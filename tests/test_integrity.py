@@ -1,4 +1,4 @@
-"""Data integrity on real shards (loader_fixtures.py): per-member CRC32 written by preprocessing and
+"""Data integrity on real shards (loader_fixtures.py): per-member checksums (XXH3) written by preprocessing and
 verified by the loader and `shapeflow inspect --verify`; damaged headers reported with their shortfall;
 old shards without checksums still load; a run whose only data is damaged exits with code 5."""
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_inspect_verify_lists_damage_and_exits_non_zero(shard_copy, loader_shard
     capsys.readouterr()
     assert cli.main(["inspect", str(shard_copy), "--verify", "--out", str(tmp_path / "b.png")]) == 1
     out = capsys.readouterr().out
-    assert f"{victim}: corrupt_sample: sample {key}: member surface.npy fails its CRC32" in out
+    assert f"{victim}: corrupt_sample: sample {key}: member surface.npy fails its checksum" in out
 
 
 def test_training_on_damaged_data_only_exits_5_with_one_line(shard_copy, tmp_path, capsys):
@@ -124,5 +124,5 @@ def test_training_on_damaged_data_only_exits_5_with_one_line(shard_copy, tmp_pat
     assert rc == 5
     line = [x for x in err if x.startswith("shapeflow train:")]
     assert len(line) == 1 and "Traceback" not in "\n".join(err), err
-    assert only.name in line[0] and "fails its CRC32" in line[0]
+    assert only.name in line[0] and "fails its checksum" in line[0]
     shutil.rmtree(tmp_path / "run", ignore_errors=True)

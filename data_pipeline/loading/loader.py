@@ -91,7 +91,7 @@ class Plan:
     cache_dir: str | None
     cache_size: int
     keys: tuple[str, ...] = ()      # tar members the task uses (local shards skip the others unread)
-    verify: bool = True             # check each member's CRC32 against the sample's json
+    verify: bool = True             # check each member's checksum against the sample's json
 
     @property
     def num_streams(self) -> int:
@@ -487,7 +487,7 @@ def make_loader(source: str | os.PathLike | Sequence[str | os.PathLike], *, task
     ``mode="eval"``: one pass, every sample exactly once across ranks, equal batch counts per rank
     (padding marked by ``batch["valid"]``). ``rank``/``world_size`` default to the initialised
     process group (else 0 / 1). ``cache_dir`` keeps downloaded remote shards on local disk
-    (``cache_size`` bytes, LRU; -1: unbounded). ``verify`` checks every member's CRC32 (skipping and
+    (``cache_size`` bytes, LRU; -1: unbounded). ``verify`` checks every member's checksum (skipping and
     counting corrupt samples, see :mod:`data_pipeline.loading.shard_reader`).
     """
     if mode not in MODES:

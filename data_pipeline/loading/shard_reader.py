@@ -6,7 +6,7 @@ webdataset's openers and tar iterator. A read error or a missing end-of-archive
 marker ends the shard: earlier samples are kept, the possibly incomplete last one
 is dropped, and a ``corrupt_shard`` event names the shard.
 
-Every sample is verified against the CRC32 of each member recorded in its json (schema.CHECKSUM_KEY;
+Every sample is verified against the checksum (XXH3) of each member recorded in its json (schema.CHECKSUM_KEY;
 on by default): a mismatch skips the sample with a ``corrupt_sample`` event naming shard, sample and
 member; a shard whose samples record no checksums (written before preprocess-5) adds one
 ``no_checksums`` event. A shard that ends with fewer samples than its manifest lists adds a
@@ -31,7 +31,7 @@ class ReadOptions(Protocol):
     keys: tuple[str, ...]        # tar members the task uses; local shards skip the others unread
     cache_dir: str | None        # remote shards are cached here when set
     cache_size: int
-    verify: bool                 # check member CRC32s (loader default True)
+    verify: bool                 # check member checksums (loader default True)
 
 # ---------------------------------------------------------------------------
 
@@ -147,7 +147,7 @@ def checksum_problem(sample: dict) -> str | None:
     damaged = damaged_members(members, meta)
     if damaged is None:
         return "no checksums"
-    return f"member {', '.join(damaged)} fails its CRC32" if damaged else None
+    return f"member {', '.join(damaged)} fails its checksum" if damaged else None
 
 
 def shard_samples(url: str, plan: ReadOptions, events: list, expected: int | None = None) -> Iterator[dict]:

@@ -24,7 +24,7 @@ from data_pipeline.preprocess.fidelity import faithful_watertight
 from data_pipeline.preprocess.watertight import signed_volume
 
 PIPELINE_VERSION = "preprocess-5"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
-                                   # 4: condition views (schema v2); 5: crc32 of every member in the json
+                                   # 4: condition views (schema v2); 5: XXH3 checksum of every member in the json
 WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
                       "shell": "eps-shell around the input + flood fill + marching cubes"}
 

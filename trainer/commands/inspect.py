@@ -1,6 +1,6 @@
 """``shapeflow inspect DIR [--verify]``: summarise a shard directory and write a preview PNG; exit 1 on a
 shard that cannot be read or disagrees with the manifest, and with ``--verify`` on any sample whose
-member bytes fail the CRC32 recorded at preprocessing (every damaged sample is listed)."""
+member bytes fail the checksum recorded at preprocessing (every damaged sample is listed)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="shard directory with manifest.json (or a manifest, a shard, a brace URL)")
     parser.add_argument("--out", default="shapeflow_inspect.png", help="preview PNG path (default: %(default)s)")
     parser.add_argument("--verify", action="store_true",
-                        help="check every member of every sample against its recorded CRC32")
+                        help="check every member of every sample against its recorded checksum")
     parser.add_argument("--num-preview", type=int, default=4, help="samples shown in the preview (default: 4)")
 
 
