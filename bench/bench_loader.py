@@ -20,6 +20,7 @@ Usage:  python bench/bench_loader.py [--shards DIR] [--seconds 6] [--repeats 5] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -89,10 +90,12 @@ def tar_baseline(paths: list[Path]) -> tuple[float, int]:
     return time.process_time() - start, total
 
 
-def loader_read(paths: list[Path], loader) -> tuple[float, list[dict]]:
+def loader_read(paths: list[Path], loader, verify: bool = True) -> tuple[float, list[dict]]:
+    """CPU seconds of the loader's shard reading (with or without the checksum check of every member read)."""
+    plan = dataclasses.replace(loader.plan, verify=verify)
     start, raws = time.process_time(), []
     for path in paths:
-        raws += list(shard_samples(str(path), loader.plan, []))
+        raws += list(shard_samples(str(path), plan, []))
     return time.process_time() - start, raws
 
 
@@ -129,14 +132,15 @@ def stage_times(paths: list[Path], probe, batch_size: int, repeats: int) -> dict
     The CPU is shared: process time is what this process itself spent, and measuring the stages back to
     back in every repeat keeps a busy moment (cache pollution) from landing on one side of a ratio only.
     """
-    tar_s = read_s = decode_s = float("inf")
+    tar_s = read_s = unverified_s = decode_s = float("inf")
     for _ in range(repeats):
         t, nbytes = tar_baseline(paths)
         r, raws = loader_read(paths, probe)
+        unverified_s = min(unverified_s, loader_read(paths, probe, verify=False)[0])
         tar_s, read_s = min(tar_s, t), min(read_s, r)
         decode_s = min(decode_s, decode(raws, probe, batch_size))
-    return {"tar_s": tar_s, "read_s": read_s, "decode_s": decode_s, "bytes": nbytes, "samples": len(raws),
-            "decoded": len(raws) - len(raws) % batch_size}
+    return {"tar_s": tar_s, "read_s": read_s, "unverified_read_s": unverified_s, "decode_s": decode_s,
+            "bytes": nbytes, "samples": len(raws), "decoded": len(raws) - len(raws) % batch_size}
 
 
 def bench_profile(name: str, options: dict, batch_size: int, paths: list[Path], args) -> dict:
@@ -149,7 +153,9 @@ def bench_profile(name: str, options: dict, batch_size: int, paths: list[Path], 
            "tar_samples_per_s": n / st["tar_s"], "tar_MB_per_s": mb / st["tar_s"],
            "loader_read_samples_per_s": n / st["read_s"], "decode_samples_per_s": 1 / decode_per_sample,
            "decode_over_tar_read": decode_per_sample / (st["tar_s"] / n),
-           "decode_over_loader_read": decode_per_sample / (st["read_s"] / n)}
+           "decode_over_loader_read": decode_per_sample / (st["read_s"] / n),
+           "verify_cost_of_read_plus_decode": (st["read_s"] - st["unverified_read_s"]) /
+                                              (st["unverified_read_s"] + st["decode_s"] * n / st["decoded"])}
     print(f"\n== {name}: batch {batch_size}, options {options}")
     print(f"plain tar read      {n / st['tar_s']:8.1f} samples/s {mb / st['tar_s']:8.1f} MB/s")
     print(f"loader read only    {n / st['read_s']:8.1f} samples/s {mb / st['read_s']:8.1f} MB/s "
@@ -157,6 +163,9 @@ def bench_profile(name: str, options: dict, batch_size: int, paths: list[Path], 
     print(f"decode + collate    {1 / decode_per_sample:8.1f} samples/s   decode/tar-read time "
           f"{res['decode_over_tar_read']:.2f}, decode/loader-read time {res['decode_over_loader_read']:.2f} "
           f"(target < 0.5)")
+    print(f"checksum verification (XXH3 checksum of every member read, on by default): read {st['read_s']:.3f} s vs "
+          f"{st['unverified_read_s']:.3f} s unverified CPU, {100 * res['verify_cost_of_read_plus_decode']:.1f}% "
+          f"of read + decode")
     for workers in (0, 1, 2):
         tar_rate = max(n / wall(tar_baseline, paths) for _ in range(args.repeats))  # same conditions, just before
         rate, _ = end_to_end(paths, options, batch_size, workers, args.seconds)

@@ -18,7 +18,13 @@ How memory is measured (CPU has no allocator statistics):
          (torch.autograd.graph.saved_tensors_hooks), i.e. what lives between forward and
          backward. Public API; a cross-check of the first number.
 
-Usage:  python bench/bench_models.py [--repeats 3] [--threads 1] [--skip-memory] [--quick] [--json out.json]
+With --compile, each throughput model is timed eagerly and then after trainer.compile_model
+(regional torch.compile); the compile warm-up (first compiled step) is reported on its own.
+--device cuda --bf16 runs on a GPU under bf16 autocast (SDPA picks flash attention) and states the
+fraction of peak as MFU against --peak-tflops (bench/gpu.sh).
+
+Usage:  python bench/bench_models.py [--repeats 3] [--threads 1] [--skip-memory] [--quick] [--compile]
+                                     [--device cuda --bf16 --peak-tflops 989] [--json out.json]
 
 The peak and the steps use the same thread count (1 by default): with other jobs on the two
 cores, multi-threaded timings swing by 3x between runs while single-thread ratios stay put.
@@ -39,6 +45,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
+import trainer  # noqa: E402
+
+DEVICE = torch.device("cpu")   # set by --device
+AUTOCAST = False               # set by --bf16
+PEAK_FLOPS = 0.0               # set by --peak-tflops (GPU datasheet peak; 0: measure a matmul)
 
 
 # ---------------------------------------------------------------------------
@@ -46,26 +57,31 @@ import models  # noqa: E402
 # ---------------------------------------------------------------------------
 
 def matmul_peak(repeats: int, sizes=(1024, 2048)) -> float:
-    """Best fp32 FLOP/s of square matmuls (2 n^3 FLOPs each)."""
+    """Best FLOP/s of square matmuls (2 n^3 FLOPs each); fp32, or bf16 with --bf16; or the
+    --peak-tflops datasheet value on a GPU (then the fraction of peak is MFU)."""
+    if PEAK_FLOPS:
+        return PEAK_FLOPS
     best = 0.0
+    dtype = torch.bfloat16 if AUTOCAST else torch.float32
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
         a @ b
         for _ in range(repeats):
-            start = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+            best = max(best, 2 * n**3 / timed(lambda a=a, b=b: a @ b))
     return best
+
+
+def timed(step) -> float:
+    start = time.perf_counter()
+    step()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def best_time(step, repeats: int) -> float:
     step()  # warm-up (allocations, kernel selection)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(step) for _ in range(repeats))
 
 
 def count_flops(step) -> int:
@@ -112,9 +128,9 @@ def saved_for_backward_bytes(forward) -> int:
 def dit_workload(width, depth, heads, tokens, batch, cond_tokens, channels=64, cond_dim=1024):
     torch.manual_seed(0)
     model = models.build("vecset_dit/base", width=width, depth=depth, heads=heads, in_channels=channels,
-                         condition_dim=cond_dim)
-    x = torch.randn(batch, tokens, channels)
-    t, cond = torch.rand(batch), torch.randn(batch, cond_tokens, cond_dim)
+                         condition_dim=cond_dim).to(DEVICE)
+    x = torch.randn(batch, tokens, channels, device=DEVICE)
+    t, cond = torch.rand(batch, device=DEVICE), torch.randn(batch, cond_tokens, cond_dim, device=DEVICE)
     forward = lambda: model(x, t, cond)  # noqa: E731
     return model, forward, dict(width=width, depth=depth, heads=heads, tokens=tokens, batch=batch,
                                 cond_tokens=cond_tokens)
@@ -123,18 +139,24 @@ def dit_workload(width, depth, heads, tokens, batch, cond_tokens, channels=64, c
 def vae_workload(width, depth, heads, latents, queries, points, batch):
     torch.manual_seed(0)
     model = models.build("vecset_vae/base", width=width, heads=heads, decoder_layers=depth, encoder_layers=0,
-                         num_latents=latents, num_sharp_latents=0)
-    pts, normals = torch.rand(batch, points, 3) * 2 - 1, torch.randn(batch, points, 3)
-    xyz = torch.rand(batch, queries, 3) * 2 - 1
+                         num_latents=latents, num_sharp_latents=0).to(DEVICE)
+    pts, normals = torch.rand(batch, points, 3, device=DEVICE) * 2 - 1, torch.randn(batch, points, 3, device=DEVICE)
+    xyz = torch.rand(batch, queries, 3, device=DEVICE) * 2 - 1
     forward = lambda: model(pts, normals, xyz)[0]  # noqa: E731
     return model, forward, dict(width=width, decoder_layers=depth, heads=heads, latents=latents,
                                 queries=queries, points=points, batch=batch)
 
 
-def make_step(model, forward):
+def make_step_untimed(model, forward):
     def step():
-        out = forward()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+            out = forward()
         out.float().square().mean().backward()
+    return step
+
+
+def make_step(model, forward):
+    step = make_step_untimed(model, forward)
     step()  # allocates .grad so later steps only accumulate into it
     return step
 
@@ -156,6 +178,17 @@ def throughput(name, workload, peak, repeats):
     return dict(name=name, shape=shape, params=params, flops=flops, seconds=min(seconds),
                 flops_per_s=flops / min(seconds), fraction_of_peak=flops / min(seconds) / peak,
                 paired_fraction_median=statistics.median(paired), peak=peak)
+
+
+def compiled_throughput(row, workload, repeats):
+    """Add the step time after trainer.compile_model to a throughput row (warm-up timed apart)."""
+    model, forward, _ = workload
+    trainer.compile_model(model)
+    step = make_step_untimed(model, forward)
+    row["compile_warmup_s"] = timed(step)
+    row["compiled_seconds"] = min(timed(step) for _ in range(repeats))
+    row["compile_speedup"] = row["seconds"] / row["compiled_seconds"]
+    return row
 
 
 def memory(name, workload, repeats, every_values=(0, 1, 2)):
@@ -182,6 +215,13 @@ def report(results) -> str:
         lines.append(f"| {r['name']} | {r['shape']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e9:.1f} | "
                      f"{r['seconds']:.3f} | {r['flops_per_s'] / 1e9:.1f} | {r['fraction_of_peak']:.2f} | "
                      f"{r['paired_fraction_median']:.2f} |")
+    compiled = [r for r in results["throughput"] if "compiled_seconds" in r]
+    if compiled:
+        lines += ["", "| model | eager step s | compiled step s | speedup | compiled fraction of peak | "
+                  "compile warm-up s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['seconds']:.3f} | {r['compiled_seconds']:.3f} | {r['compile_speedup']:.2f}x | "
+                  f"{r['flops'] / r['compiled_seconds'] / results['matmul_peak']:.2f} | {r['compile_warmup_s']:.1f} |"
+                  for r in compiled]
     lines += ["", "| model | shape | checkpoint_every | peak activation MiB | saved-for-backward MiB | "
               "reduction vs off | step s |", "|---|---|---|---|---|---|---|"]
     for m in results["memory"]:
@@ -205,21 +245,31 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, numbers not meaningful)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--skip-memory", action="store_true", help="only the time / FLOP/s part")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each model after trainer.compile_model (warm-up reported apart)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (flash attention on a GPU)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="datasheet dense peak of the accelerator: fraction of peak becomes MFU")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on shared cores one thread gives stable ratios; "
                              "0 keeps torch's default)")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    global DEVICE, AUTOCAST, PEAK_FLOPS
+    DEVICE, AUTOCAST, PEAK_FLOPS = torch.device(args.device), args.bf16, args.peak_tflops * 1e12
     s = 4 if args.quick else 1  # shrink factor
 
     peak = matmul_peak(args.repeats)
     results = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor()
                    or platform.machine(), matmul_peak=peak, throughput=[], memory=[])
-    results["throughput"].append(throughput(
-        "vecset_dit", dit_workload(1024 // s, 2, 16 // s, 512 // s, 2, 128 // s), peak, args.repeats))
-    results["throughput"].append(throughput(
-        "vecset_vae", vae_workload(1024 // s, 2, 16 // s, 512 // s, 2048 // s, 4096 // s, 1), peak, args.repeats))
+    workloads = {"vecset_dit": lambda: dit_workload(1024 // s, 2, 16 // s, 512 // s, 2, 128 // s),
+                 "vecset_vae": lambda: vae_workload(1024 // s, 2, 16 // s, 512 // s, 2048 // s, 4096 // s, 1)}
+    for name, make in workloads.items():
+        workload = make()
+        row = throughput(name, workload, peak, args.repeats)
+        results["throughput"].append(compiled_throughput(row, workload, args.repeats) if args.compile else row)
     peak = results["matmul_peak"] = max(r["peak"] for r in results["throughput"])
     for r in results["throughput"]:
         r["fraction_of_peak"] = r["flops_per_s"] / peak

@@ -1,6 +1,7 @@
 """Step time and per-rank parameter + optimiser memory of each engine strategy (2 processes).
 
     python bench/bench_strategies.py [--nproc 2] [--width 512 --depth 8 --tokens 256 --batch 2 --steps 6]
+                                     [--precision bf16] [--compile]
 
 For each strategy (DDP, ZeRO-1, ZeRO-2, ZeRO-2 + optimizer offload, ZeRO-3, FSDP2) one torchrun job
 trains a VecSet DiT (the vecset_dit/base preset with width/depth overrides) on random latents through
@@ -49,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     cfg = load_train_config(None, ["task=vae", "data.path=unused", f"precision={args.precision}",
-                                   *json.loads(args.overrides)])
+                                   f"engine.compile={str(args.compile).lower()}", *json.loads(args.overrides)])
     engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
     torch.manual_seed(0)
     net = models.build("vecset_dit/base", width=args.width, depth=args.depth, heads=args.width // 64,
@@ -59,12 +60,12 @@ def worker(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(engine.rank)
     times = []
     for _ in range(args.steps):
-        x0, eps = (torch.randn(args.batch, args.tokens, 64, generator=gen) for _ in range(2))
-        t = torch.rand(args.batch, generator=gen)
+        x0, eps = (torch.randn(args.batch, args.tokens, 64, generator=gen).to(engine.device) for _ in range(2))
+        t = torch.rand(args.batch, generator=gen).to(engine.device)
         tic = time.perf_counter()
         with engine.accumulate(sync=True):
             with engine.autocast():
-                loss = model(x0, eps, t, None, torch.zeros(args.batch, dtype=torch.bool)).mean()
+                loss = model(x0, eps, t, None, torch.zeros(args.batch, dtype=torch.bool, device=engine.device)).mean()
             engine.backward(loss)
         engine.step(1.0)
         engine.barrier()
@@ -90,7 +91,7 @@ def run_strategy(name: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker",
            "--overrides", json.dumps(overrides), "--out", str(out), "--width", str(args.width),
            "--depth", str(args.depth), "--tokens", str(args.tokens), "--batch", str(args.batch),
-           "--steps", str(args.steps), "--precision", args.precision]
+           "--steps", str(args.steps), "--precision", args.precision] + (["--compile"] if args.compile else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--compile", action="store_true", help="engine.compile=true (regional torch.compile); "
+                        "the first, compiling step is excluded from the median as the warm-up")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)

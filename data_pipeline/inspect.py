@@ -4,8 +4,9 @@ Prints per-shard sample counts (checked against the manifest), every stored key
 with its dtypes, row counts and value ranges (coordinates dequantised to the
 normalised space), the preprocessing failures summary (failures.jsonl), and
 writes a preview PNG of a few samples' query points (near-surface ones and the volume
-queries inside the shape) coloured by SDF. Exit code
-1 when a shard cannot be read or disagrees with the manifest.
+queries inside the shape) coloured by SDF. With ``verify`` every member of every sample is
+checked against the checksum its json records, and each damaged sample is listed (shard, sample,
+member). Exit code 1 when a shard cannot be read, disagrees with the manifest or holds damage.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class KeyStats:
 
 @dataclass
 class Summary:
-    shards: list = field(default_factory=list)    # (url, samples read, manifest count, error or "")
+    shards: list = field(default_factory=list)    # (url, samples read, manifest count, [damage lines])
+    unverified: list = field(default_factory=list)   # shards without checksums (written before preprocess-5)
     keys: dict = field(default_factory=lambda: collections.defaultdict(KeyStats))
     samples: int = 0
     preview: list = field(default_factory=list)   # (id, points [P,3], sdf [P])
@@ -116,15 +118,15 @@ def quality_summary(summary: Summary, worst: int = 10) -> list[str]:
     return lines
 
 
-def scan(source: str, num_preview: int) -> Summary:
+def scan(source: str, num_preview: int, verify: bool = False) -> Summary:
     shards = resolve_source(source)
     plan = Plan(shards, task="inspect", options=None, batch_size=1, mode="eval", seed=0, rank=0, world_size=1,
-                workers=1, shuffle_buffer=0, cache_dir=None, cache_size=-1)  # keys=(): keep every member
+                workers=1, shuffle_buffer=0, cache_dir=None, cache_size=-1, verify=verify)  # keys=(): every member
     summary, rng = Summary(), np.random.default_rng(0)
     for shard in shards:
         events: list = []
         count = 0
-        for raw in shard_samples(shard.url, plan, events):
+        for raw in shard_samples(shard.url, plan, events, shard.num_samples):
             count += 1
             for key, data in raw.items():
                 if key.startswith("__"):
@@ -138,8 +140,9 @@ def scan(source: str, num_preview: int) -> Summary:
                 summary.quality.append((sample_title(raw), record))
             if len(summary.preview) < num_preview and (pts := preview_points(raw, rng)) is not None:
                 summary.preview.append((preview_title(raw), *pts))
-        error = events[0][2] if events else ""
-        summary.shards.append((shard.url, count, shard.num_samples, error))
+        summary.unverified += [shard.url for kind, _, _ in events if kind == "no_checksums"]
+        damage = [f"{kind}: {detail}" for kind, _, detail in events if kind != "no_checksums"]
+        summary.shards.append((shard.url, count, shard.num_samples, damage))
         summary.samples += count
     return summary
 
@@ -177,16 +180,18 @@ def write_preview(summary: Summary, out: str) -> None:
 def report(summary: Summary) -> tuple[list[str], list[str]]:
     lines = [f"{'shard':<40} {'samples':>8} {'manifest':>9}  status"]
     problems = []
-    for url, count, expected, error in summary.shards:
+    for url, count, expected, damage in summary.shards:
         status = "ok"
-        if error:
-            status = f"UNREADABLE after {count} samples: {error}"
+        if damage:
+            status = f"DAMAGED ({len(damage)} problem(s)), {count} good samples"
         elif expected is not None and expected != count:
             status = f"MISMATCH: manifest says {expected}"
-        if status != "ok":
-            problems.append(f"{url}: {status}")
+        problems += [f"{url}: {line}" for line in damage] or ([f"{url}: {status}"] if status != "ok" else [])
         lines.append(f"{Path(url).name:<40} {count:>8} {expected if expected is not None else '-':>9}  {status}")
-    lines.append(f"{len(summary.shards)} shards, {summary.samples} samples")
+    lines.append(f"{len(summary.shards)} shards, {summary.samples} good samples")
+    if summary.unverified:
+        lines.append(f"no checksums in {len(summary.unverified)} shard(s) (written before preprocess-5): "
+                     "their payloads were not verified")
     lines.append(f"{'key':<22} {'present':>9} {'dtype':<18} {'rows':>15}  value range (coords dequantised)")
     for key in sorted(summary.keys):
         st = summary.keys[key]

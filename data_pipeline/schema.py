@@ -1,4 +1,4 @@
-"""Shard schema v1: the contract between preprocessing (writer) and the loader (reader).
+"""Shard schema v2 (v1 + condition views): the contract between preprocessing (writer) and the loader (reader).
 
 One WebDataset sample per input mesh. Coordinates are stored as uint16 over
 [-COORD_RANGE, COORD_RANGE] (step 2*1.05/65535 = 3.2e-5), unit normals as int8
@@ -6,9 +6,13 @@ One WebDataset sample per input mesh. Coordinates are stored as uint16 over
 """
 from __future__ import annotations
 
+import zlib
 import numpy as np
+import xxhash
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                     # 2 = 1 + condition views (view_{i}.png, json "views")
+READABLE_SCHEMA_VERSIONS = (1, 2)
+MAX_VIEWS = 64                         # view_0.png .. view_63.png at most
 COORD_RANGE = 1.05                     # quantisation box and volume-query box: [-1.05, 1.05]^3
 NORMALISED_HALF_EXTENT = 0.95          # longest bbox side maps to [-0.95, 0.95]
 COORD_LEVELS = np.iinfo(np.uint16).max  # 65535 steps
@@ -32,6 +36,29 @@ ARRAY_KEYS: dict[str, tuple[str, str]] = {
     "occ.npy": ("uint8", "[R^3/8] np.packbits of the R^3 occupancy grid, C order (x, y, z)"),
 }
 OPTIONAL_KEYS = ("sharp_near.npy", "sharp_near_sdf.npy")
+# json key: member name -> 64-bit XXH3 of its bytes, for every member but the json itself (written by
+# preprocessing since pipeline version preprocess-5; older shards have none and still load). XXH3 is
+# chosen over zlib's CRC32 because readers verify every member they read: CRC32 (~0.4 GB/s) cost
+# 36-80% of the loader's read + decode CPU, XXH3 is several times cheaper (docs/benchmarks.md).
+CHECKSUM_KEY = "xxh3_64"
+CHECKSUM_FUNCTIONS = {"xxh3_64": xxhash.xxh3_64_intdigest, "crc32": zlib.crc32}   # crc32: early preprocess-5
+
+
+def checksum(data: bytes) -> int:
+    """The checksum preprocessing records for one member's bytes."""
+    return CHECKSUM_FUNCTIONS[CHECKSUM_KEY](data)
+
+
+def damaged_members(members: dict[str, bytes], meta: dict) -> list[str] | None:
+    """Names of members whose bytes do not match the checksum recorded in the sample's json (``meta``);
+    None when the json records no checksums. Only members present in ``members`` are checked (a
+    reader may skip members it does not use); a recorded member that is present but empty counts."""
+    for key, function in CHECKSUM_FUNCTIONS.items():
+        recorded = meta.get(key)
+        if isinstance(recorded, dict):
+            return sorted(name for name, value in recorded.items()
+                          if name in members and function(members[name]) != value)
+    return None
 
 
 def quantize_coords(xyz: np.ndarray) -> np.ndarray:
@@ -71,3 +98,11 @@ def occupancy_grid_centers(resolution: int) -> np.ndarray:
     edge = (np.arange(resolution, dtype=np.float64) + 0.5) / resolution * 2 * COORD_RANGE - COORD_RANGE
     grid = np.stack(np.meshgrid(edge, edge, edge, indexing="ij"), axis=-1)
     return grid.astype(np.float32)
+
+
+def view_key(index: int) -> str:
+    """Tar member suffix of condition view ``index``: RGBA PNG, alpha = coverage (schema v2)."""
+    return f"view_{index}.png"
+
+
+VIEW_KEYS = tuple(view_key(i) for i in range(MAX_VIEWS))

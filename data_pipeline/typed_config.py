@@ -118,6 +118,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         raise ConfigError(f"{err} (from the command-line overrides)") from None
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (every field, defaults included)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Any, path: str | Path, header: str = "") -> None:
+    """Write the resolved config as YAML (every field, defaults included), after ``header`` (comments)."""
+    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))

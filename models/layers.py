@@ -218,12 +218,40 @@ def make_qk_norm(kind: QKNorm, dim: int, affine: bool = True) -> nn.Module:
     raise ValueError(f"unknown qk_norm {kind!r} (valid: none, layernorm, rmsnorm)")
 
 
+class FusedLinear(nn.Linear):
+    """An nn.Linear whose output rows are several projections stacked ([sum(splits), in]).
+
+    One GEMM instead of several; ``init_linears_xavier`` initialises each row block of ``splits``
+    as the separate layer it replaces would be, so a fused model starts from the same weights."""
+
+    def __init__(self, in_features: int, splits: tuple[int, ...], bias: bool = True):
+        super().__init__(in_features, sum(splits), bias=bias)
+        self.splits = tuple(splits)
+
+
+def _merge_split_projections(state_dict: dict, prefix: str, parts: tuple[str, ...], fused: str) -> None:
+    """Old checkpoints: concatenate ``prefix + part + .weight/.bias`` (rows) into ``prefix + fused``."""
+    for suffix in ("weight", "bias"):
+        keys = [f"{prefix}{part}.{suffix}" for part in parts]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{fused}.{suffix}"] = torch.cat([state_dict.pop(k) for k in keys], dim=0)
+
+
 class Attention(nn.Module):
     """Multi-head attention via F.scaled_dot_product_attention.
 
     Self-attention when ``context`` is None, cross-attention to context [B, L, context_dim]
     otherwise. QK-norm normalises each head's queries and keys (LayerNorm or RMSNorm over
     head_dim) before the dot product, which keeps large-width training stable in bf16.
+
+    Parameter layout (what converters of released weights map to):
+    - self-attention: ``to_qkv`` [3W, W] (+ bias [3W]), rows = q, k, v blocks of W rows each;
+      inside a block, head h owns rows h*head_dim:(h+1)*head_dim (not interleaved per head);
+    - cross-attention: ``to_q`` [W, W] on the queries and ``to_kv`` [2W, context_dim] (k rows,
+      then v rows) on the context;
+    - ``proj`` [W, W] output projection; ``q_norm`` / ``k_norm`` over head_dim.
+    Checkpoints written before the fusion (self-attention ``to_q`` + ``to_kv``, or ``to_q`` +
+    ``to_k`` + ``to_v``) are converted when loaded (same parameter count, same function).
     """
 
     def __init__(self, width: int, heads: int, context_dim: int | None = None, qk_norm: QKNorm = "none",
@@ -236,25 +264,36 @@ class Attention(nn.Module):
         self.head_dim = width // heads
         self.is_cross = context_dim is not None
         self.norm_width = style.qk_norm_scope == "width"
-        self.to_q = nn.Linear(width, width, bias=style.qkv_bias)
-        self.to_kv = nn.Linear(context_dim if self.is_cross else width, 2 * width, bias=style.qkv_bias)
+        if self.is_cross:
+            self.to_q = nn.Linear(width, width, bias=style.qkv_bias)
+            self.to_kv = nn.Linear(context_dim, 2 * width, bias=style.qkv_bias)
+        else:  # initialised as the unfused to_q [W, W] and to_kv [2W, W] were: same weights per seed
+            self.to_qkv = FusedLinear(width, (width, 2 * width), bias=style.qkv_bias)
         norm_dim, affine = (width, style.norm_affine) if self.norm_width else (self.head_dim, True)
         self.q_norm = make_qk_norm(qk_norm, norm_dim, affine)
         self.k_norm = make_qk_norm(qk_norm, norm_dim, affine)
         self.proj = nn.Linear(width, width)
+        self.register_load_state_dict_pre_hook(Attention._load_separate_projections)
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, h, N, hd]
+    def _load_separate_projections(self, state_dict, prefix, *args) -> None:
+        if self.is_cross:
+            _merge_split_projections(state_dict, prefix, ("to_k", "to_v"), "to_kv")
+        else:
+            _merge_split_projections(state_dict, prefix, ("to_q", "to_k", "to_v"), "to_qkv")
+            _merge_split_projections(state_dict, prefix, ("to_q", "to_kv"), "to_qkv")
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        source = context if self.is_cross else x
-        q = self.to_q(x)
-        k, v = self.to_kv(source).chunk(2, dim=-1)
+        if self.is_cross:
+            q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)   # views [B, N, W] of one GEMM's output
         if self.norm_width:   # over all heads' channels [B, N, W], before the head split
-            q, k = self._split_heads(self.q_norm(q)), self._split_heads(self.k_norm(k))
-        else:                 # per head [B, h, N, hd]
-            q, k = self.q_norm(self._split_heads(q)), self.k_norm(self._split_heads(k))
-        out = F.scaled_dot_product_attention(q, k, self._split_heads(v))
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)) for t in (q, k, v))   # views [B, N, h, hd]
+        if not self.norm_width:   # per head, over head_dim
+            q, k = self.q_norm(q), self.k_norm(k)
+        # SDPA takes the [B, h, N, hd] views as they are (no contiguous copies)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
@@ -385,7 +424,8 @@ def init_linears_xavier(module: nn.Module) -> None:
     """Xavier-uniform weights and zero biases for every nn.Linear (run before zero-inits)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
+            for block in m.weight.split(getattr(m, "splits", (m.out_features,))):
+                nn.init.xavier_uniform_(block)   # a fused layer: each block as its own layer
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 

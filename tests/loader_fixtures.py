@@ -36,6 +36,8 @@ sampling:
   sharp_near_points_per_sigma: 64
 occupancy_resolution: {occ}
 shard_max_samples: 3
+views: 2
+render: {{resolution: 32}}
 """
 
 
@@ -76,7 +78,10 @@ def stored_samples(directory: Path, paths: list[Path] | None = None) -> dict[str
             for member in tar.getmembers():
                 key, _, suffix = member.name.partition(".")
                 data = tar.extractfile(member).read()
-                value = json.loads(data) if suffix == "json" else np.load(io.BytesIO(data))
+                if suffix == "json":
+                    value = json.loads(data)
+                else:      # condition views stay PNG bytes
+                    value = data if suffix.endswith(".png") else np.load(io.BytesIO(data))
                 grouped.setdefault(key, {})[suffix] = value
         for key, sample in grouped.items():
             samples[str(sample["json"].get("id", key))] = sample

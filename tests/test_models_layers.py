@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers import (Attention, CheckpointedBlocks, DiagonalGaussian, FourierEmbedder, SelfAttentionBlock,
+from models.layers import (Attention, init_linears_xavier, CheckpointedBlocks, DiagonalGaussian, FourierEmbedder, SelfAttentionBlock,
                            TimestepEmbedder, patchify_3d, pixel_shuffle_3d, pixel_unshuffle_3d,
                            sincos_pos_embed_3d, unpatchify_3d)
 
@@ -128,3 +128,43 @@ def test_checkpointed_blocks_every_k_same_outputs_and_grads():
         assert torch.allclose(y, results[0][0], atol=1e-6)
         assert torch.allclose(gx, results[0][1], atol=1e-5)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gp, results[0][2]))
+
+
+def naive_attention(x, ctx, wq, bq, wk, bk, wv, bv, attn, heads):
+    """Attention computed from separate q/k/v weights (the layout of checkpoints before the fusion)."""
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    q = attn.q_norm(split(F.linear(x, wq, bq)))
+    k, v = attn.k_norm(split(F.linear(ctx, wk, bk))), split(F.linear(ctx, wv, bv))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("layout", ["q_kv", "q_k_v"])
+def test_self_attention_loads_checkpoints_with_separate_projections(layout):
+    torch.manual_seed(0)
+    attn = Attention(16, 4, qk_norm="layernorm")
+    wq, wk, wv = (torch.randn(16, 16) / 4 for _ in range(3))
+    bq, bk, bv = (torch.randn(16) for _ in range(3))
+    old = {k: v for k, v in attn.state_dict().items() if not k.startswith("to_qkv")}
+    if layout == "q_kv":
+        old.update({"to_q.weight": wq, "to_q.bias": bq, "to_kv.weight": torch.cat([wk, wv]),
+                    "to_kv.bias": torch.cat([bk, bv])})
+    else:
+        old.update({"to_q.weight": wq, "to_q.bias": bq, "to_k.weight": wk, "to_k.bias": bk,
+                    "to_v.weight": wv, "to_v.bias": bv})
+    attn.load_state_dict(old)   # strict: every old key is consumed, every new key filled
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(attn(x), naive_attention(x, x, wq, bq, wk, bk, wv, bv, attn, 4))
+
+
+def test_fused_qkv_keeps_parameter_count_and_initial_weights():
+    """to_qkv [3W, W] holds what to_q [W, W] and to_kv [2W, W] held, initialised block by block."""
+    attn = Attention(32, 4)
+    assert attn.to_qkv.weight.shape == (96, 32) and sum(p.numel() for p in attn.parameters()) == 4 * (32 * 32 + 32)
+    torch.manual_seed(0)
+    init_linears_xavier(attn)
+    torch.manual_seed(0)
+    q, kv = torch.empty(32, 32), torch.empty(64, 32)
+    torch.nn.init.xavier_uniform_(q)
+    torch.nn.init.xavier_uniform_(kv)
+    assert torch.equal(attn.to_qkv.weight, torch.cat([q, kv]))

@@ -213,3 +213,60 @@ def test_two_node_training_logs_one_run_and_resumes(slurm_env, preprocessed, tmp
     assert sorted(set(steps)) == sorted(set(first_steps) | {3, 4}), steps
     assert len(steps) == len(set(steps)), f"steps logged twice (training restarted from scratch?): {steps}"
     assert read_meta(sorted((run_dir / "checkpoints").glob("step_*"))[-1])["step"] == 4
+
+
+# ---------------------------------------------------------------------------
+# preemption: the warning signal checkpoints the current step, the requeued job resumes from it
+# ---------------------------------------------------------------------------
+
+def _loss_steps(run_dir: Path) -> list[int]:
+    if not (run_dir / "mlflow.db").exists():
+        return []
+    try:
+        client, runs = _mlflow_runs(run_dir)
+    except Exception:   # the database is being created by the job
+        return []
+    return [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "loss")]
+
+
+def _wait_for(predicate, what: str, deadline_s: float, job_id: str, env: dict):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    subprocess.run(["scancel", job_id], env=env, timeout=30)
+    pytest.fail(f"job {job_id}: {what} not seen after {deadline_s} s")
+
+
+def test_warning_signal_checkpoints_the_current_step_and_the_requeued_job_resumes_there(
+        slurm_env, preprocessed, tmp_path):
+    """`scancel --batch --signal=USR1` is what `--signal=B:USR1@120` delivers before the time limit."""
+    assert set(preprocessed["states"].values()) == {"COMPLETED"}, "preprocessing failed (see the test above)"
+    run_dir, max_steps = tmp_path / "run", 40
+    env = dict(slurm_env, SHAPEFLOW_LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--time=9", "-N", "2", f"--output={tmp_path}/train-%j.out",
+         str(ROOT / "launchers" / "slurm" / "train.sbatch"), str(ROOT / "configs" / "vecset_vae_debug.yaml"),
+         f"run.dir={run_dir}", f"run.max_steps={max_steps}", "run.ckpt_every=1000", "run.log_every=1",
+         "run.eval_every=0", "run.progress=false", f"data.path={preprocessed['out']}", "data.batch_size=2",
+         "optim.warmup_steps=1", "eval.num_samples=1", "eval.grid_resolution=16"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    _wait_for(lambda: max(_loss_steps(run_dir), default=0) >= 3, "step 3", JOB_DEADLINE_S, job_id, env)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True, timeout=30)
+    stopped = _wait_for(lambda: sorted((run_dir / "checkpoints").glob("step_*")), "the preemption checkpoint",
+                        120, job_id, env)
+    step = read_meta(stopped[0])["step"]
+    assert 3 <= step < max_steps and step % 1000, f"checkpoint at {step}\n{_logs(tmp_path)}"
+    _wait_for(lambda: _job_states(job_id, env).get(job_id) == "COMPLETED"
+              and read_meta(sorted((run_dir / "checkpoints").glob("step_*"))[-1])["step"] == max_steps,
+              "the requeued job finishing", JOB_DEADLINE_S, job_id, env)
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=env).stdout
+    assert "Restarts=1" in out, out
+    steps = _loss_steps(run_dir)
+    assert sorted(set(steps)) == list(range(1, max_steps + 1)), steps
+    assert len(steps) == len(set(steps)), f"steps after {step} trained twice: {steps}"
+    assert "stopped by SIGTERM at step" in _logs(tmp_path)

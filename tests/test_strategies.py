@@ -36,6 +36,9 @@ STRATEGIES = {
     # setting); at debug sizes that is most of them, so the test partitions every parameter
     "zero3": ["engine.strategy=deepspeed", "engine.zero_stage=3", "engine.deepspeed_config={zero3_all}"],
     "fsdp2": ["engine.strategy=fsdp2"],
+    # regional torch.compile (trainer.compile_model) before the wrapping, against the eager one-process run
+    "ddp_compiled": ["engine.strategy=ddp", "engine.compile=true"],
+    "fsdp2_compiled": ["engine.strategy=fsdp2", "engine.compile=true"],
 }
 COMMON = ["optim.warmup_steps=1", "optim.lr=1e-3", "ema.decay=0.5", "run.progress=false"]
 
@@ -61,7 +64,7 @@ def global_batches(overrides: list[str], path: Path) -> Path:
     return path
 
 
-def launch(world: int, spec: dict, spec_file: Path) -> dict:
+def launch(world: int, spec: dict, spec_file: Path, timeout_s: int = TIMEOUT_S) -> dict:
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -71,7 +74,7 @@ def launch(world: int, spec: dict, spec_file: Path) -> dict:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), WORKER, str(spec_file)]
-    run_commands([cmd], envs=[env], log_dir=spec_file.parent / "logs", timeout_s=TIMEOUT_S)   # exit code 0
+    run_commands([cmd], envs=[env], log_dir=spec_file.parent / "logs", timeout_s=timeout_s)   # exit code 0
     return json.loads((Path(spec["out"]) / "results.json").read_text())
 
 
@@ -105,7 +108,9 @@ class Runs:
             out.mkdir(exist_ok=True)
             tasks = ("vae", "dit") if accum == 1 else ("vae",)
             spec = {"mode": "train", "out": str(out), "jobs": self.jobs(strategy, 4 // world // accum, accum, tasks)}
-            self.results[key] = launch(world, spec, out / "spec.json")
+            # compiled runs build C++ kernels first (minutes on a loaded 2-core machine)
+            timeout = 4 * TIMEOUT_S if strategy.endswith("_compiled") else TIMEOUT_S
+            self.results[key] = launch(world, spec, out / "spec.json", timeout)
         return self.results[key], out
 
 
@@ -129,7 +134,8 @@ def assert_models_close(got: dict, want: dict, rel: float) -> None:
     assert diff <= rel * norm, f"|got - want| = {diff:.3g} > {rel} * |want| = {rel * norm:.3g}"
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.timeout(1800)) if s.endswith("_compiled") else s
+                                      for s in sorted(STRATEGIES)])
 def test_two_processes_match_one_process(runs, strategy):
     one, one_dir = runs.get("ddp", world=1)
     two, two_dir = runs.get(strategy, world=2)
@@ -157,21 +163,60 @@ LAUNCH_CONFIGS = {"zero2": ("deepspeed", "configs/accelerate/zero2.yaml"),
                   "fsdp2": ("fsdp2", "configs/accelerate/fsdp2.yaml")}
 
 
-@pytest.mark.parametrize("name", sorted(LAUNCH_CONFIGS))
-def test_accelerate_launch_config_selects_the_strategy(train_shards, tmp_path, name):
-    """`accelerate launch --config_file configs/accelerate/<name>.yaml` runs `shapeflow train` with that
-    strategy on 2 CPU processes (our engine wraps the model; accelerate only starts the processes)."""
-    strategy, config = LAUNCH_CONFIGS[name]
-    run_dir = tmp_path / "run"
+def launch_train(launcher: list[str], config: str, overrides: list[str], log_dir: Path) -> str:
+    """Run one launcher command to exit code 0 (bounded); returns its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-           "--main_process_port", str(free_port()), "-m", "trainer.commands", "train", "vecset_vae_debug",
-           f"data.path={train_shards}", f"run.dir={run_dir}", *FAST, "run.max_steps=2", "run.ckpt_every=2",
-           "run.eval_every=0"]
-    run_commands([cmd], envs=[env], cwd=REPO, log_dir=tmp_path / "logs", timeout_s=TIMEOUT_S)   # exit code 0
-    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
-    assert (meta["strategy"], meta["world_size"]) == (strategy, 2)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", *launcher, "-m", "trainer.commands", "train", config, *overrides]
+    ranks = run_commands([cmd], envs=[env], cwd=REPO, log_dir=log_dir, timeout_s=TIMEOUT_S)   # exit code 0
+    return ranks.output(0, 100_000)
+
+
+def saved_engine(run_dir: Path, step: int) -> dict:
+    """engine.strategy / zero_stage as run.dir/config.yaml, the checkpoint and the MLflow params say."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run(meta["mlflow_run_id"])
+    keys = ("strategy", "zero_stage")
+    return {"config.yaml": tuple(yaml.safe_load((run_dir / "config.yaml").read_text())["engine"][k] for k in keys),
+            "checkpoint": tuple(yaml.safe_load((checkpoint / "config.yaml").read_text())["engine"][k] for k in keys),
+            "mlflow": tuple(run.data.params[f"engine.{k}"] for k in keys),
+            "meta": (meta["strategy"], meta["world_size"]), "tags": run.data.tags,
+            "resolved_from": meta["resolved_from"]}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCH_CONFIGS))
+def test_accelerate_launch_config_is_saved_as_run_and_reruns_under_torchrun(train_shards, tmp_path, name):
+    """`accelerate launch --config_file configs/accelerate/<name>.yaml` runs `shapeflow train` with that
+    strategy on 2 CPU processes (our engine wraps the model; accelerate only starts the processes), saves
+    the strategy it ran everywhere, and the saved config.yaml resumes under torchrun with that strategy."""
+    strategy, config = LAUNCH_CONFIGS[name]
+    stage = 2 if strategy == "deepspeed" else None
+    run_dir = tmp_path / "run"
+    launch_train(["accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+                  "--main_process_port", str(free_port())], "vecset_vae_debug",
+                 [f"data.path={train_shards}", f"run.dir={run_dir}", *FAST, "run.max_steps=2", "run.ckpt_every=2",
+                  "run.eval_every=0"], tmp_path / "accelerate_logs")
+    saved = saved_engine(run_dir, 2)
+    assert saved["meta"] == (strategy, 2)
+    assert saved["config.yaml"] == saved["checkpoint"] == (strategy, stage)
+    assert saved["mlflow"] == (strategy, str(stage))
+    assert saved["tags"]["shapeflow.resolved_from.engine.strategy"].startswith("accelerate config (ACCELERATE_USE_")
+    assert saved["resolved_from"]["world_size"] == "accelerate (WORLD_SIZE=2)"
+    assert "resolved from" in (run_dir / "config.yaml").read_text()
+    output = launch_train(["torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port())], str(run_dir / "config.yaml"),
+                          ["run.max_steps=3"], tmp_path / "torchrun_logs")
+    assert "done at step 3" in output
+    resumed = saved_engine(run_dir, 3)
+    assert resumed["meta"] == (strategy, 2) and resumed["checkpoint"] == (strategy, stage)
+    assert resumed["resolved_from"]["engine.strategy"] == "config"
+    assert resumed["tags"]["shapeflow.launcher"] == "torchrun"
 
 
 def param_and_optimizer_bytes(result: dict) -> list[int]:

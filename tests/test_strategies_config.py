@@ -5,12 +5,12 @@ import pytest
 
 from data_pipeline.typed_config import ConfigError
 from trainer.config import EngineConfig, load_train_config
-from trainer.engines import describe_peer_failure, resolve_engine_config
+from trainer.engines import describe_peer_failure, resolve_engine_config, resolve_run_config
 from trainer.engines.deepspeed import deepspeed_config, merge_partitions, split_partition
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["engine.zero_stage=3"], "engine.zero_stage"),                                   # deepspeed only
+    (["engine.strategy=ddp", "engine.zero_stage=3"], "engine.zero_stage"),            # deepspeed only
     (["engine.strategy=fsdp2", "engine.offload=optimizer"], "engine.offload"),
     (["engine.strategy=deepspeed", "engine.zero_stage=4"], "engine.zero_stage"),
     (["engine.strategy=deepspeed", "engine.offload=nvme"], "engine.offload"),
@@ -29,14 +29,36 @@ def test_accelerate_environment_selects_the_strategy():
         "ACCELERATE_DEEPSPEED_CONFIG_FILE": "configs/deepspeed/zero3.json"})
     assert (ds.strategy, ds.zero_stage, ds.offload) == ("deepspeed", 3, "optimizer")
     assert ds.deepspeed_config.endswith("configs/deepspeed/zero3.json")
-    explicit = resolve_engine_config(EngineConfig(strategy="deepspeed", zero_stage=1),
-                                     {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
-    assert explicit.zero_stage == 1   # the training config's own value wins
+    with pytest.raises(ConfigError, match="engine.zero_stage: the sources disagree .*config says 1.*says 3"):
+        resolve_engine_config(EngineConfig(strategy="deepspeed", zero_stage=1),
+                              {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
     fsdp = resolve_engine_config(EngineConfig(), {"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"})
     assert (fsdp.strategy, fsdp.reshard_after_forward) == ("fsdp2", False)
     assert resolve_engine_config(EngineConfig(), {"ACCELERATE_USE_CPU": "true"}).strategy == "ddp"
     with pytest.raises(ConfigError, match="make them agree"):
         resolve_engine_config(EngineConfig(strategy="fsdp2"), {"ACCELERATE_USE_DEEPSPEED": "true"})
+
+
+ZERO2_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "configs/deepspeed/zero2.json",
+             "WORLD_SIZE": "2", "RANK": "0"}
+
+
+def test_resolved_config_reproduces_itself_or_names_the_disagreeing_source():
+    cfg = load_train_config("vecset_vae_debug", ["data.path=x"])
+    resolved, sources = resolve_run_config(cfg, ZERO2_ENV)
+    assert (resolved.engine.strategy, resolved.engine.zero_stage) == ("deepspeed", 2)
+    assert sources["engine.strategy"].startswith("accelerate config")
+    assert sources["engine.zero_stage"].startswith("deepspeed json") and sources["world_size"].endswith("=2)")
+    again, _ = resolve_run_config(resolved, {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "RANK": "0"})
+    assert again == resolved                      # the saved config under torchrun: the same settings
+    with pytest.raises(ConfigError, match="engine.strategy.*config says deepspeed.*ACCELERATE_USE_FSDP"):
+        resolve_run_config(resolved, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ConfigError, match="engine.strategy.*config says ddp"):   # a saved DDP run
+        resolve_run_config(resolve_run_config(cfg, {})[0], ZERO2_ENV)
+    with pytest.raises(ConfigError, match="precision.*ACCELERATE_MIXED_PRECISION"):
+        resolve_run_config(resolved, {**ZERO2_ENV, "ACCELERATE_MIXED_PRECISION": "bf16"})
+    with pytest.raises(ConfigError, match="engine.zero_stage"):   # stage-less strategies refuse a stage
+        resolve_run_config(load_train_config("vecset_vae_debug", ["data.path=x", "engine.zero_stage=3"]), {})
 
 
 def test_deepspeed_json_gets_the_run_values():

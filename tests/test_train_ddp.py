@@ -54,7 +54,9 @@ def first_step(rank: int, world: int, port: int, overrides: list[str], batch_fil
             loss, _ = task.compute(model, batch, rand, 0)
             engine.backward(loss)
         mean_loss = engine.all_reduce_mean({"loss": float(loss.detach())})["loss"]
-        grads = {n: p.grad.clone() for n, p in engine.module.named_parameters() if p.grad is not None}
+        # FSDP2 holds sharded DTensor gradients: gather them (a collective, every rank calls it)
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for n, p in engine.module.named_parameters() if p.grad is not None}
         if engine.is_main:
             torch.save({"loss": mean_loss, "grads": grads}, out_file)
     finally:
@@ -98,6 +100,21 @@ def test_dit_one_vs_two_processes_same_loss_and_gradients(train_shards, tmp_path
     compare(tmp_path, ["task=dit", "model.name=vecset_dit/debug", f"data.path={train_shards}",
                        f"run.dir={tmp_path}/run", f"vae.checkpoint={vae_dir}/checkpoints/step_00000001",
                        "vae.scale_factor=1.5", "vae.latents=sample", "data.options={num_surface: 256}",
+                       "condition.p_uncond=0.5"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_image_dit_one_vs_two_processes_same_loss_and_gradients(train_shards, tmp_path, strategy):
+    """condition.kind=image: the frozen tiny DINOv2 runs on every rank outside the engine."""
+    from trainer.image_encoder import save_tiny_dinov2
+    vae_dir = tmp_path / "vae"
+    train(load_train_config("vecset_vae_debug", [f"data.path={train_shards}", f"run.dir={vae_dir}", *FAST,
+                                                 "run.max_steps=1", "run.eval_every=0"]))
+    encoder = save_tiny_dinov2(tmp_path / "dino", image_size=56, hidden_size=32)
+    compare(tmp_path, ["task=dit", "model.name=vecset_dit/debug", f"data.path={train_shards}",
+                       f"run.dir={tmp_path}/run", f"vae.checkpoint={vae_dir}/checkpoints/step_00000001",
+                       "vae.scale_factor=1.5", "data.options={num_surface: 256}", f"engine.strategy={strategy}",
+                       "condition.kind=image", f"condition.image_encoder={encoder}", "condition.image_size=56",
                        "condition.p_uncond=0.5"])
 
 

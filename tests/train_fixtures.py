@@ -28,6 +28,8 @@ sampling:
   sharp_near_points_per_sigma: 64
 occupancy_resolution: 16
 shard_max_samples: 2
+views: 4
+render: {resolution: 112}
 """
 
 # Small everything: a debug step takes a fraction of a second on one core.

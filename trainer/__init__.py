@@ -4,6 +4,7 @@ Public API::
 
     import trainer
     net = trainer.load_network(path)   # nn.Module in eval mode
+    model = trainer.compile_model(model)   # regional torch.compile (what engine.compile=true applies)
 
 ``path`` is any checkpoint form (trainer/inference.py reads it): a step directory of any strategy, a run directory (its latest
 complete checkpoint), a `shapeflow export` file or a `shapeflow import` file.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["load_network"]
+from trainer.compile import compile_model
+
+__all__ = ["compile_model", "load_network"]
 
 
 def load_network(path: str | Path, use_ema: bool = True):

@@ -32,6 +32,7 @@ from data_pipeline.typed_config import save_config
 
 from trainer.ema import EMA
 from trainer.engines import Engine, read_full_state
+from trainer.engines.resolve import resolved_header
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
@@ -163,7 +164,7 @@ def save_checkpoint(engine: Engine, root: Path, step: int, *, ema: EMA | None, l
     files += [rank_file(r) for r in range(engine.world_size)] + ["config.yaml"]
     engine.barrier()
     if engine.is_main:
-        save_config(config, tmp / "config.yaml")
+        save_config(config, tmp / "config.yaml", resolved_header(meta_extra.get("resolved_from") or {}))
         meta = {"complete": True, "step": step, "world_size": engine.world_size, "strategy": engine.strategy,
                 "metric": metric, "files": files, **meta_extra}
         (tmp / META).write_text(json.dumps(meta, indent=2))

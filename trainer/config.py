@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from data_pipeline.typed_config import ConfigError, load_config
 
@@ -61,13 +61,18 @@ class RunConfig:
 
 @dataclass
 class EngineConfig:
-    strategy: Literal["ddp", "deepspeed", "fsdp2"] = "ddp"   # ddp also covers the single process
-    zero_stage: int | None = None       # deepspeed only: 1, 2 or 3 (unset: 2)
+    # auto: what the accelerate config asks for, else ddp (which also covers the single process);
+    # the saved run.dir/config.yaml always names the strategy that ran (trainer/engines/resolve.py)
+    strategy: Literal["auto", "ddp", "deepspeed", "fsdp2"] = "auto"
+    zero_stage: int | None = None       # deepspeed only: 1, 2 or 3 (unset: the JSON's stage, else 2)
     offload: Literal["none", "optimizer"] = "none"           # deepspeed only: optimizer state on the CPU
     deepspeed_config: str = ""          # deepspeed only: JSON file (default configs/deepspeed/zero<stage>.json)
     reshard_after_forward: bool = True  # fsdp2 only: free gathered block weights after forward (ZeRO-3 like)
     backend: Literal["auto", "gloo", "nccl"] = "auto"        # auto: nccl on GPU, gloo on CPU
     timeout_s: int = 1800               # collective timeout: a dead rank fails the job instead of hanging
+    # regional torch.compile of every block (trainer.compile_model; eager with a warning where the compiler
+    # is missing). None: on for CUDA, off on CPU (minutes of C++ warm-up per run; see docs/benchmarks.md)
+    compile: bool | None = None
 
 
 @dataclass
@@ -92,7 +97,12 @@ class ConditionConfig:
     p_uncond: float = 0.1               # condition dropout for classifier-free guidance
     num_classes: int = 0                # class: number of ids
     key: str = ""                       # batch key holding the class id / embedding / image
-    image_encoder: str = ""             # image: local path of a DINOv2 checkpoint (never downloaded)
+    image_encoder: str = ""             # image: DINOv2 save_pretrained folder, or a hub id (downloaded by transformers)
+    image_size: int = 518               # image: encoder input size (multiple of the patch size 14)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)   # image: RGBA views are composited on this
+    cache: bool = False                 # image: encode each (sample, view) once per process (in memory)
+    train_views: Optional[list[int]] = None   # image: views training draws from (None: all); the rest are held out
+    eval_view: int = 0                  # image: the view evaluation and --views-from use
 
 
 @dataclass
@@ -158,7 +168,7 @@ def require_strategy_package(strategy: str) -> None:
 
 def validate_engine(engine: EngineConfig) -> EngineConfig:
     """Strategy-specific keys only with their strategy, so a typo'd strategy cannot silently run DDP."""
-    deepspeed = engine.strategy == "deepspeed"
+    deepspeed = engine.strategy in ("deepspeed", "auto")   # auto is checked again once resolved
     require_strategy_package(engine.strategy)
     _require(engine.zero_stage is None or deepspeed, "engine.zero_stage",
              f"only applies to engine.strategy=deepspeed (strategy is {engine.strategy})")
@@ -175,7 +185,7 @@ def validate_engine(engine: EngineConfig) -> EngineConfig:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Cross-field checks; raises ConfigError naming the key."""
-    _require(cfg.engine.strategy in SUPPORTED_STRATEGIES, "engine.strategy",
+    _require(cfg.engine.strategy in (*SUPPORTED_STRATEGIES, "auto"), "engine.strategy",
              f"{cfg.engine.strategy!r} is not supported (supported: {', '.join(SUPPORTED_STRATEGIES)})")
     validate_engine(cfg.engine)
     _require(bool(cfg.data.path), "data.path", "is required (a shard directory or URL list)")
@@ -209,7 +219,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _require(cfg.condition.kind != "class" or cfg.condition.num_classes > 0, "condition.num_classes",
                  "must be > 0 for condition.kind=class")
         _require(cfg.condition.kind != "image" or bool(cfg.condition.image_encoder), "condition.image_encoder",
-                 "is required for condition.kind=image (a local DINOv2 path)")
+                 "is required for condition.kind=image (a DINOv2 save_pretrained folder or hub id)")
+        _require(cfg.condition.image_size >= 14 and cfg.condition.image_size % 14 == 0, "condition.image_size",
+                 "must be a positive multiple of 14 (the DINOv2 patch size)")
+        _require(all(0.0 <= c <= 1.0 for c in cfg.condition.background), "condition.background",
+                 "must be three values in [0, 1]")
     return cfg
 
 

@@ -20,7 +20,7 @@ import models
 from data_pipeline.loading.batches import VaeOptions
 
 from trainer import checkpoint as ckpt
-from trainer import inference
+from trainer import inference, meshing
 from trainer import objectives as obj
 from trainer.config import TrainConfig
 from trainer.tasks import Task, to_device
@@ -65,7 +65,7 @@ class Evaluator:
     def _fixed_batch(self) -> dict[str, Any]:
         """The same training samples at every evaluation (first batch of a loader with its own seed)."""
         if self._batch is None:
-            loader = self.make_loader(seed_offset=2)
+            loader = self.make_loader(seed_offset=2, evaluation=True)
             batch = next(iter(loader))
             n = self.cfg.eval.num_samples
             self._batch = {k: v[:n] for k, v in batch.items() if k != "num_tokens"}
@@ -98,12 +98,17 @@ class Evaluator:
         n = ev.num_samples
         gen = torch.Generator().manual_seed(self.cfg.run.seed)
         noise = torch.randn(n, *x0.shape[1:], generator=gen).to(self.engine.device)
-        cond = inference.sampling_condition(self.cfg.condition, n, self.engine.device, batch=batch)
+        cond = inference.sampling_condition(self.cfg.condition, n, self.engine.device, batch=batch,
+                                            encoder=task.encoder)
         sampled = inference.guided_euler(net, noise, cond, steps=ev.sample_steps, shift=self.cfg.flow_loss.t_shift,
                                          guidance=ev.guidance) / task.scale_factor
         grids = inference.decode_grids(task.vae, sampled, kind=task.vae_cfg.vae_loss.kind,
                                        resolution=ev.grid_resolution, chunk=ev.query_chunk)
         files, meshes = inference.write_meshes(grids, out_dir, "sample")
+        if self.cfg.condition.kind == "image":      # the condition view beside the mesh sampled from it
+            views = batch["view"][:n].cpu().numpy()
+            files += [meshing.save_side_by_side([view, out_dir / f"sample_{i:02d}.png"],
+                                                out_dir / f"condition_{i:02d}.png") for i, view in enumerate(views)]
         nearest = torch.cdist(sampled.flatten(1).float(), x0.flatten(1).float()).min(dim=1).values
         metrics = {"nonempty": float(np.mean([m is not None for m in meshes])),
                    "latent_nn_dist": float(nearest.mean())}

@@ -150,8 +150,21 @@ def encode(vae: nn.Module, vae_cfg: TrainConfig, batch: dict[str, Any],
                       batch.get("sharp_normal"), num_latents=uniform, num_sharp_latents=sharp)
 
 
-def batch_condition(cond_cfg: ConditionConfig, batch: dict[str, Any]) -> Tensor | None:
-    """The condition of a training batch: class ids [B] or embedding tokens [B, T, D] (None: unconditional)."""
+def make_image_encoder(cfg: TrainConfig, device: torch.device):
+    """The frozen DINOv2 of condition.kind=image (None for other kinds); see trainer/image_encoder.py."""
+    cond = cfg.condition
+    if cond.kind != "image":
+        return None
+    from trainer.image_encoder import ImageEncoder     # transformers is only imported when used
+    encoder = ImageEncoder(cond.image_encoder, cond.image_size, tuple(cond.background)).to(device)
+    if cond.cache:
+        encoder.cache = {}
+    return encoder
+
+
+def batch_condition(cond_cfg: ConditionConfig, batch: dict[str, Any], encoder: nn.Module | None = None) -> Tensor | None:
+    """The condition of a training batch: class ids [B], embedding tokens [B, T, D], or the image
+    encoder's tokens [B, 1 + P, D] of the batch's views (None: unconditional)."""
     if cond_cfg.kind == "none":
         return None
     if cond_cfg.kind == "class":
@@ -159,23 +172,28 @@ def batch_condition(cond_cfg: ConditionConfig, batch: dict[str, Any]) -> Tensor 
     if cond_cfg.kind == "embedding":
         cond = batch[cond_cfg.key or "condition"].float()
         return cond[:, None] if cond.ndim == 2 else cond
-    raise ConfigError("condition.kind: image conditioning needs rendered views in the shards "
-                      "(schema v1 has none)")
+    if encoder is None:
+        raise ConfigError("condition.kind=image: no image encoder (inference.make_image_encoder) was given")
+    return encoder.encode_views(batch[cond_cfg.key or "view"], batch["id"], batch["view_index"])
 
 
 def sampling_condition(cond_cfg: ConditionConfig, n: int, device: torch.device, *, class_id: int | None = None,
-                       batch: dict[str, Any] | None = None) -> Tensor | None:
+                       batch: dict[str, Any] | None = None, encoder: nn.Module | None = None,
+                       images: list[np.ndarray] | None = None) -> Tensor | None:
     """The condition of ``n`` samples: ``class_id`` for all, else classes 0, 1, ... in turn; embeddings
-    are taken from ``batch`` (the first ``n`` rows)."""
+    and image views are taken from ``batch`` (the first ``n`` rows); ``images``: one user picture per
+    sample (uint8 [H, W, 3|4], encoded one at a time since sizes may differ)."""
     if cond_cfg.kind == "class":
         if class_id is not None:
             return torch.full((n,), class_id, dtype=torch.long, device=device)
         return torch.arange(n, device=device) % cond_cfg.num_classes
-    if cond_cfg.kind == "embedding" and batch is not None:
-        return batch_condition(cond_cfg, batch)[:n]
+    if cond_cfg.kind == "image" and images is not None:
+        return torch.cat([encoder(torch.from_numpy(np.array(image))[None].to(device)) for image in images])
+    if cond_cfg.kind in ("embedding", "image") and batch is not None:
+        return batch_condition(cond_cfg, batch, encoder)[:n]
     if cond_cfg.kind != "none":
-        raise ConfigError(f"condition.kind={cond_cfg.kind}: sampling needs the condition embeddings of a "
-                          "batch; `shapeflow sample` cannot read embeddings or images yet")
+        raise ConfigError(f"condition.kind={cond_cfg.kind}: sampling needs condition embeddings or images "
+                          "(a batch, or --image / --views-from)")
     return None
 
 

@@ -108,7 +108,10 @@ def convert(src: dict[str, Tensor], groups: list[Group], heads: int, to_ours: bo
 # ---------------------------------------------------------------------------
 
 def our_attn_in(prefix: str) -> tuple[tuple[str, int], ...]:
-    """Input projections of models.layers.Attention: q then k, v."""
+    """Input projections of models.layers.Attention: self-attention (modules named ``attn``) has one
+    fused ``to_qkv`` (q, k, v row blocks); cross-attention has ``to_q`` then ``to_kv`` (k, v)."""
+    if prefix.endswith(".attn"):
+        return ((f"{prefix}.to_qkv", 3),)
     return ((f"{prefix}.to_q", 1), (f"{prefix}.to_kv", 2))
 
 

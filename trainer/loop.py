@@ -29,8 +29,10 @@ from data_pipeline.typed_config import save_config
 
 from trainer import checkpoint as ckpt
 from trainer.config import OptimConfig, TrainConfig
-from trainer.engines import Engine, create_engine
+from trainer.engines import Engine, create_engine, resolve_run_config
+from trainer.engines.resolve import resolved_header
 from trainer.evaluation import Evaluator
+from trainer.preemption import StopRequest
 from trainer.tasks import BatchRandom, Task, make_task, to_device
 from trainer.tracking import Tracker
 
@@ -57,7 +59,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.
     decay = [p for p in params if p.ndim >= 2]      # no weight decay on biases, norms, embeddings' 1-D params
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **adamw_kernel(params))
+
+
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """The fused AdamW kernel (one kernel for all parameters) for plain CPU/CUDA tensors; the
+    multi-tensor (foreach) one for sharded DTensor parameters (FSDP2)."""
+    plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return {"fused": True} if plain else {"foreach": True}
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
@@ -142,6 +151,13 @@ class Progress:
         return (f"step {step}/{self.max_steps} loss {logged['loss']:.4g} lr {logged['lr']:.2e} "
                 f"samples/s {logged['samples_per_s']:.1f} ETA {eta}")
 
+    def note(self, text: str) -> None:
+        """One line of its own (above the bar on a terminal)."""
+        if self.tty:
+            self.bar.write(text, file=self.stream)
+        elif self.enabled:
+            print(text, file=self.stream, flush=True)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -156,11 +172,13 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def build_loader(cfg: TrainConfig, task: Task, engine: Engine, seed_offset: int = 0):
+def build_loader(cfg: TrainConfig, task: Task, engine: Engine, seed_offset: int = 0, evaluation: bool = False):
+    """The training loader (``evaluation``: the same stream with the task's evaluation options, e.g. a
+    fixed condition view)."""
     return data_loader.make_loader(
         cfg.data.path, task=task.loader_task(), batch_size=cfg.data.batch_size, mode="train",
         seed=cfg.run.seed + seed_offset, rank=engine.rank, world_size=engine.world_size,
-        num_workers=cfg.data.num_workers, **task.loader_options())
+        num_workers=cfg.data.num_workers, **task.loader_options(evaluation))
 
 
 @dataclass
@@ -175,8 +193,11 @@ class Trainer:
     evaluator: Evaluator
     step: int = 0
     tracker_run_id: str | None = None
+    resolved_from: dict[str, str] = field(default_factory=dict)   # engine setting -> its source
     best_metric_candidate: float | None = None   # last logged loss: the checkpoint's "best" score
     losses: dict[int, float] = field(default_factory=dict)   # step -> this rank's loss (for tests)
+    stop: StopRequest = field(default_factory=StopRequest)
+    stop_agreed: bool = False          # some rank got a stop signal: every rank stops after this step
 
     @property
     def run_dir(self) -> Path:
@@ -197,7 +218,9 @@ class Trainer:
                 engine.backward(loss / accum)
             for k, v in metrics.items():
                 totals[k] += v / accum
-        loss_ok = engine.all_reduce_mean({"finite": float(math.isfinite(totals["loss"]))})["finite"] == 1.0
+        agreed = engine.all_reduce_mean({"finite": float(math.isfinite(totals["loss"])),
+                                         "stop": float(self.stop.requested)})   # one collective for both
+        loss_ok, self.stop_agreed = agreed["finite"] == 1.0, agreed["stop"] > 0
         grad_norm, applied = engine.step(cfg.optim.clip_grad_norm, skip=not loss_ok)
         totals["grad_norm"] = grad_norm if math.isfinite(grad_norm) else 0.0
         return dict(totals), applied
@@ -208,8 +231,17 @@ class Trainer:
         self.evaluator.flush_plots()
         ckpt.save_checkpoint(self.engine, self.run_dir / "checkpoints", self.step, ema=self.ema,
                              loader_state=loader_state, config=self.cfg,
-                             meta_extra={"mlflow_run_id": self.tracker_run_id, "derived": derived},
+                             meta_extra={"mlflow_run_id": self.tracker_run_id, "derived": derived,
+                                         "resolved_from": self.resolved_from},
                              metric=self.best_metric_candidate, keep_last=self.cfg.run.keep_last)
+
+    def data_counts(self) -> dict[str, float]:
+        """The loader's integrity counters summed over ranks (corrupt samples, short shards, ...)."""
+        counts = self.loader.counts()
+        keys = sorted(counts)
+        summed = self.engine.all_reduce_sum(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64,
+                                                         device=self.engine.device))
+        return {f"data_{k}": float(v) for k, v in zip(keys, summed.tolist())}
 
     def fit(self) -> dict[str, Any]:
         cfg, engine = self.cfg, self.engine
@@ -219,8 +251,13 @@ class Trainer:
         progress = Progress(cfg, self.step, engine.is_main and cfg.run.progress)
         batches = iter(self.loader)
         tic = time.perf_counter()
+        first_step = True
         while self.step < cfg.run.max_steps:
             metrics, applied = self.optimizer_step(batches)
+            if first_step:  # compilation (engine.compile) happens here: report it apart from step time
+                first_step, warmup_s, tic = False, time.perf_counter() - tic, time.perf_counter()
+                self.tracker.log_metrics({"warmup_s": warmup_s}, self.step + 1)
+                progress.note(f"first step (compile warm-up included): {warmup_s:.1f} s")
             guard.update(applied, self.step)
             if applied and self.ema is not None:
                 self.ema.update(self.step + 1)   # n-th optimiser step, n from 1 (EMA warm-up)
@@ -231,6 +268,7 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
                 logged = window.reduce(engine)
+                logged.update(self.data_counts())
                 logged.update(lr=engine.lr(), skipped_steps=float(guard.skipped),
                               samples_per_s=samples_per_step * cfg.run.log_every / max(elapsed, 1e-9))
                 self.best_metric_candidate = logged["loss"]
@@ -239,16 +277,19 @@ class Trainer:
             if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < cfg.run.max_steps:
                 self.evaluator.run(self.step, self.ema)
                 tic = time.perf_counter()  # samples/s measures training only
-            if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps:
+            if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps or self.stop_agreed:
                 self.save()
                 tic = time.perf_counter()
+            if self.stop_agreed:
+                break
         progress.close()
-        final = self.evaluator.run(self.step, self.ema)
+        final = None if self.stop_agreed else self.evaluator.run(self.step, self.ema)
         return {"step": self.step, "losses": dict(self.losses), "skipped_steps": guard.skipped,
-                "mlflow_run_id": self.tracker_run_id, "eval": final}
+                "mlflow_run_id": self.tracker_run_id, "eval": final, "data": self.data_counts(),
+                "preempted": self.stop.signal_name or ("another rank's stop signal" if self.stop_agreed else None)}
 
 
-def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
+def setup(cfg: TrainConfig, engine: Engine, resolved_from: dict[str, str] | None = None) -> Trainer:
     seed_everything(cfg.run.seed, engine.rank)
     run_dir = Path(cfg.run.dir)
     task = make_task(cfg, engine.device)
@@ -270,28 +311,35 @@ def setup(cfg: TrainConfig, engine: Engine) -> Trainer:
         step, run_id = meta["step"], meta.get("mlflow_run_id")
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", resolved_header(resolved_from or {}))
     tracker = Tracker(run_dir, enabled=engine.is_main)
     run_id = engine.broadcast_object(tracker.start(cfg, run_id))
     tracker.set_tags({"shapeflow.world_size": engine.world_size, "shapeflow.strategy": engine.strategy,
-                      "shapeflow.launcher": engine.launch.launcher})
+                      "shapeflow.launcher": engine.launch.launcher,
+                      **{f"shapeflow.resolved_from.{k}": v for k, v in (resolved_from or {}).items()}})
     if engine.is_main:
         tracker.log_artifact(run_dir / "config.yaml")
     evaluator = Evaluator(cfg, task, engine, tracker, make_loader)
     trainer = Trainer(cfg, engine, task, model, ema, loader, tracker, evaluator, step=step)
-    trainer.tracker_run_id = run_id
+    trainer.tracker_run_id, trainer.resolved_from = run_id, dict(resolved_from or {})
     return trainer
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...)."""
+    """Run (or resume) the training job ``cfg``; returns a summary (final step, per-step losses, ...).
+
+    The engine settings are resolved from every source first (trainer/engines/resolve.py), so the
+    config saved in run.dir, the checkpoints and MLflow is the one that runs."""
+    cfg, resolved_from = resolve_run_config(cfg)
     engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
     trainer, tracker, finished = None, None, False
+    stop = StopRequest()   # caught from here on: a signal during set-up stops after the first step
     try:
-        trainer = setup(cfg, engine)
-        tracker = trainer.tracker
-        summary = trainer.fit()
-        tracker.finish("FINISHED")
+        with stop:
+            trainer = setup(cfg, engine, resolved_from)
+            trainer.stop, tracker = stop, trainer.tracker
+            summary = trainer.fit()
+        tracker.finish("KILLED" if summary["preempted"] else "FINISHED")
         finished = True
         return summary
     except BaseException:

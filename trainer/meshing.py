@@ -111,6 +111,26 @@ def save_preview(mesh, path: Path, title: str = "", reference: np.ndarray | None
     return path
 
 
+def save_side_by_side(panels: list, path: Path, height: int = 256) -> Path:
+    """One PNG of panels side by side, each an image file or a uint8 [H, W, 3|4] array (RGBA is
+    composited on white), scaled to ``height`` pixels."""
+    from PIL import Image
+    images = []
+    for panel in panels:
+        image = Image.open(panel) if isinstance(panel, (str, Path)) else Image.fromarray(np.asarray(panel))
+        flat = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        flat.alpha_composite(image.convert("RGBA"))
+        images.append(flat.convert("RGB").resize((max(1, round(image.width * height / image.height)), height)))
+    canvas = Image.new("RGB", (sum(i.width for i in images), height), (255, 255, 255))
+    left = 0
+    for image in images:
+        canvas.paste(image, (left, 0))
+        left += image.width
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 def surface_points(mesh, count: int = 10000, seed: int = 0) -> torch.Tensor:
     """[count, 3] uniform points on the mesh (empty when there is no mesh)."""
     if mesh is None or len(mesh.faces) == 0:

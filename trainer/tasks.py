@@ -30,8 +30,8 @@ from data_pipeline.typed_config import ConfigError
 
 from trainer import objectives as obj
 from trainer.config import TrainConfig
-from trainer.inference import (as_sdf, batch_condition, encode, latent_scale_factor, load_run_vae, network_spec,
-                               read_network, vae_point_counts)
+from trainer.inference import (as_sdf, batch_condition, encode, latent_scale_factor, load_run_vae,
+                               make_image_encoder, network_spec, read_network, vae_point_counts)
 
 
 class BatchRandom:
@@ -65,7 +65,7 @@ class Task(Protocol):
 
     def loader_task(self) -> str: ...
 
-    def loader_options(self) -> dict[str, Any]: ...
+    def loader_options(self, evaluation: bool = False) -> dict[str, Any]: ...
 
     def prepare(self, make_loader: Callable[..., Any], engine: Any) -> None: ...
 
@@ -194,7 +194,7 @@ class VaeTask:
     def loader_task(self) -> str:
         return "vae"
 
-    def loader_options(self) -> dict[str, Any]:
+    def loader_options(self, evaluation: bool = False) -> dict[str, Any]:
         if self.voxel:  # the grid is the input and the target; point queries are not needed
             return {"occupancy": True, "num_vol": 0, "num_near": 0, "num_surface": 1, **self.cfg.data.options}
         mc = self.net.config  # training resamples points; only the query tokens need an FPS order
@@ -269,22 +269,29 @@ class DitTask:
         self.latent_shape: list[int] | None = None   # one sample's latent shape (what the sampler draws)
         self.net: nn.Module | None = None
         self.objective: nn.Module | None = None
+        self.encoder = make_image_encoder(cfg, device)   # frozen DINOv2 (condition.kind=image) or None
 
     # -- data -----------------------------------------------------------------
-    def loader_options(self) -> dict[str, Any]:
+    def loader_options(self, evaluation: bool = False) -> dict[str, Any]:
+        """Options of the dit loader; ``evaluation``: a fixed condition view (condition.eval_view)."""
         opts: dict[str, Any] = {}
         if self.cfg.vae.latents == "cached":
             opts["use_latents"] = True
-        elif self.voxel:  # the dit loader has no occupancy grid: read it through the vae task
-            opts = {"occupancy": True, "num_vol": 0, "num_near": 0, "num_surface": 1}
+        elif self.voxel:  # the frozen voxel VAE encodes the occupancy grid; one surface point is the minimum
+            opts = {"occupancy": True, "num_surface": 1}
         else:
             opts = dit_surface_options(self.vae_cfg, self.vae)
-        if self.cfg.condition.kind in ("class", "embedding") and not self.voxel:
-            opts["condition"] = self.cfg.condition.kind
+        cond = self.cfg.condition
+        if cond.kind != "none":
+            opts["condition"] = cond.kind
+        if cond.kind == "image" and evaluation:
+            opts["view"] = cond.eval_view
+        elif cond.kind == "image" and cond.train_views is not None:
+            opts["views"] = list(cond.train_views)
         return {**opts, **self.cfg.data.options}
 
     def loader_task(self) -> str:
-        return "vae" if self.voxel and self.cfg.vae.latents != "cached" else "dit"
+        return "dit"
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any], rand: BatchRandom | None) -> Tensor:
@@ -328,6 +335,8 @@ class DitTask:
         derived["condition"] = {"none": "none", "class": "class"}.get(kind, "tokens")
         if kind == "class":
             derived["num_classes"] = self.cfg.condition.num_classes
+        if kind == "image":
+            derived["condition_dim"] = self.encoder.dim
         for key, value in derived.items():
             given = self.cfg.model.overrides.get(key)
             if given is not None and given != value:
@@ -355,7 +364,7 @@ class DitTask:
         eps = rand.normal(*x0.shape[1:])
         t = rand.times(fl.t_mean, fl.t_std, fl.t_shift)
         drop = rand.dropout(self.cfg.condition.p_uncond)
-        per_sample = model(x0, eps, t, batch_condition(self.cfg.condition, batch), drop)
+        per_sample = model(x0, eps, t, batch_condition(self.cfg.condition, batch, self.encoder), drop)
         loss = per_sample.mean()
         metrics = {"loss": float(loss.detach())}
         bins = obj.loss_per_t_bin(per_sample, t, fl.t_bins)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from data_pipeline.schema import (
-    SCHEMA_VERSION, dequantize_coords, dequantize_normals, unpack_occupancy,
+    READABLE_SCHEMA_VERSIONS, VIEW_KEYS, dequantize_coords, dequantize_normals, unpack_occupancy, view_key,
 )
 from data_pipeline.typed_config import ConfigError, from_dict
 
@@ -63,9 +63,19 @@ class VaeOptions(SurfaceOptions):
 @dataclass
 class DitOptions(SurfaceOptions):
     use_latents: bool = False               # read cached latents (latent.npy) instead of surface points
-    condition: Literal["none", "class", "embedding"] = "none"
+    occupancy: bool = False                 # add the occupancy grid (what a voxel VAE encodes)
+    condition: Literal["none", "class", "embedding", "image"] = "none"
     class_names: Optional[list[str]] = None  # condition="class": id = index of json[class_key] here
     class_key: str = "class"                # json field holding the class name (or an int id)
+    view: Optional[int] = None              # condition="image": this view index, or None = a random one
+    views: Optional[list[int]] = None       # ... drawn from these indices (None: all the sample has)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.view is not None and self.view < 0:
+            raise ValueError(f"view must be >= 0, got {self.view}")
+        if self.views is not None and (not self.views or min(self.views) < 0):
+            raise ValueError("views must be a non-empty list of view indices >= 0")
 
 
 TASK_OPTIONS = {"vae": VaeOptions, "dit": DitOptions}
@@ -103,17 +113,24 @@ def required_keys(task: str, opts) -> tuple[str, ...]:
             keys += SHARP_KEYS
     if task == "vae":
         keys += QUERY_KEYS
-        if opts.occupancy:
-            keys.append("occ.npy")
+    if wants_occupancy(task, opts):
+        keys.append("occ.npy")
     if task == "dit" and opts.condition == "embedding":
         keys.append(EMBEDDING_KEY)
     return tuple(keys)
 
 
+def wants_occupancy(task: str, opts) -> bool:
+    """The occupancy grid is read when asked for, except next to cached latents (nothing to encode)."""
+    return opts.occupancy and not (task == "dit" and opts.use_latents)
+
+
 def optional_keys(task: str, opts) -> tuple[str, ...]:
-    """Keys used when a sample has them."""
+    """Keys used when a sample has them (views: a sample has as many as its json lists)."""
     if task == "vae" and opts.num_sharp_near:
         return ("sharp_near.npy", "sharp_near_sdf.npy")
+    if task == "dit" and opts.condition == "image":
+        return VIEW_KEYS
     return ()
 
 
@@ -152,9 +169,10 @@ def load_meta(raw: dict) -> dict:
         meta = json.loads(raw["json"])
     except (ValueError, UnicodeDecodeError) as err:
         raise BadSample(f"sample {raw.get('__key__')!r}: json is not valid ({err})") from err
-    version = meta.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise BadSample(f"sample {raw.get('__key__')!r}: schema_version {version}, loader reads {SCHEMA_VERSION}")
+    version = meta.get("schema_version", 1)
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise BadSample(f"sample {raw.get('__key__')!r}: schema_version {version}, loader reads "
+                        f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
     return meta
 
 
@@ -313,12 +331,47 @@ def occupancy_resolution(meta: dict, packed_len: int) -> int | None:
     return guess if (guess ** 3 + 7) // 8 == packed_len else None
 
 
-def condition_arrays(raw: dict, meta: dict, opts: DitOptions) -> dict[str, np.ndarray]:
+def condition_arrays(raw: dict, meta: dict, opts: DitOptions, rng: np.random.Generator) -> dict[str, np.ndarray]:
     if opts.condition == "class":
         return {"class_id": np.int64(class_id(raw, meta, opts))}
     if opts.condition == "embedding":
         return {"condition": load_npy(raw, EMBEDDING_KEY).astype(np.float32)}
+    if opts.condition == "image":
+        return view_arrays(raw, meta, opts, rng)
     return {}
+
+
+def view_arrays(raw: dict, meta: dict, opts: DitOptions, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One condition view: ``opts.view``, or one drawn with ``rng`` (seeded per sample and epoch, so a
+    resumed run draws the same) from ``opts.views`` or all the sample's views."""
+    cameras = meta.get("views") or []
+    if not cameras:
+        raise BadSample(f"sample {raw.get('__key__')!r} has no condition views (schema_version "
+                        f"{meta.get('schema_version', 1)}, or preprocessed with views=0): re-run "
+                        f"shapeflow preprocess with views > 0 for condition.kind=image")
+    if opts.view is not None:
+        index = opts.view
+    else:
+        allowed = [i for i in (opts.views if opts.views is not None else range(len(cameras))) if i < len(cameras)]
+        if not allowed:
+            raise BadSample(f"sample {raw.get('__key__')!r}: none of views {opts.views} among its {len(cameras)}")
+        index = int(allowed[rng.integers(len(allowed))])
+    key = view_key(index)
+    if index >= len(cameras) or key not in raw:
+        raise BadSample(f"sample {raw.get('__key__')!r} lacks {key} ({len(cameras)} views in its json)")
+    return {"view": decode_view(raw, key), "view_index": np.int64(index),
+            "view_intrinsics": np.asarray(cameras[index]["intrinsics"], np.float32),
+            "view_world_to_camera": np.asarray(cameras[index]["world_to_camera"], np.float32)}
+
+
+def decode_view(raw: dict, key: str) -> np.ndarray:
+    """PNG bytes -> uint8 [S, S, 4] RGBA (alpha = coverage)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(raw[key])) as image:
+            return np.asarray(image.convert("RGBA"), dtype=np.uint8)
+    except (OSError, ValueError) as err:
+        raise BadSample(f"sample {raw.get('__key__')!r}: {key} is not a readable image ({err})") from err
 
 
 def class_id(raw: dict, meta: dict, opts: DitOptions) -> int:
@@ -348,10 +401,10 @@ def sample_arrays(raw: dict, task: str, opts, rng: np.random.Generator) -> dict[
         out.update(surface_arrays(raw, meta, opts, rng))
     if task == "vae":
         out.update(query_arrays(raw, opts, rng))
-        if opts.occupancy:
-            out["occ"] = occupancy_array(raw, meta)
     else:
-        out.update(condition_arrays(raw, meta, opts))
+        out.update(condition_arrays(raw, meta, opts, rng))
+    if wants_occupancy(task, opts):
+        out["occ"] = occupancy_array(raw, meta)
     out["center"] = np.asarray(meta.get("center", (0.0, 0.0, 0.0)), dtype=np.float32)
     out["scale"] = np.float32(meta.get("scale", 1.0))
     return out

@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import warnings
 import weakref
 import zlib
@@ -65,6 +66,11 @@ MAX_LOGGED_FAILURES = 100
 OPEN_SHARDS = 4          # shards a training stream reads in turns (mixing before the shuffle buffer)
 
 
+class NoReadableData(RuntimeError):
+    """A training stream read no usable sample for MAX_EMPTY_EPOCHS epochs; the message names its
+    shards and what was wrong with them (one line)."""
+
+
 class LoaderWarning(UserWarning):
     """A shard or sample was skipped (the loader goes on; see ``loader.stats``)."""
 
@@ -85,6 +91,7 @@ class Plan:
     cache_dir: str | None
     cache_size: int
     keys: tuple[str, ...] = ()      # tar members the task uses (local shards skip the others unread)
+    verify: bool = True             # check each member's checksum against the sample's json
 
     @property
     def num_streams(self) -> int:
@@ -138,7 +145,8 @@ def interleave(sources: Iterator[Iterator[dict]], width: int) -> Iterator[dict]:
 
 
 def unit_samples(plan: Plan, unit, events: list) -> Iterator[dict]:
-    for index, raw in enumerate(shard_samples(plan.shards[unit.shard].url, plan, events)):
+    shard = plan.shards[unit.shard]
+    for index, raw in enumerate(shard_samples(shard.url, plan, events, shard.num_samples)):
         if unit.owns(index):
             yield raw
 
@@ -159,7 +167,7 @@ def eval_samples(plan: Plan, stream: int, events: list) -> Iterator[dict]:
     counts = [s.num_samples for s in plan.shards]
     for seg in eval_segments(counts, plan.num_streams)[stream]:
         url = plan.shards[seg.shard].url
-        for index, raw in enumerate(shard_samples(url, plan, events)):
+        for index, raw in enumerate(shard_samples(url, plan, events, plan.shards[seg.shard].num_samples)):
             if index >= seg.stop and is_local(url):
                 break  # (a pipe is drained instead, so its command does not die of SIGPIPE)
             if seg.start <= index < seg.stop:
@@ -188,6 +196,15 @@ class StreamState:
         self.last_item = item
         return item
 
+    def no_data_reason(self, epoch: int, empty_epochs: int) -> str:
+        units = training_units([s.num_samples for s in self.plan.shards], self.plan.num_streams, self.plan.seed,
+                               epoch)[self.stream]
+        names = sorted({os.path.basename(self.plan.shards[u.shard].url) for u in units})
+        problems = sorted({f"{os.path.basename(where)}: {detail}" for kind, where, detail in self.events
+                           if kind != "no_checksums"})
+        return (f"no readable samples in {empty_epochs} epochs (rank {self.plan.rank}, worker {self.worker}) from "
+                f"shard(s) {', '.join(names)}: {'; '.join(problems[:5]) or 'they hold no samples'}")
+
     def emit(self, items: list[dict], valid: list[bool], epoch: int, position: int) -> dict:
         batch = collate(items, valid)
         tokens = draw_token_count(self.plan.options,
@@ -197,7 +214,8 @@ class StreamState:
         self.cursor.batches += 1
         batch["_cursor"] = {"worker": self.worker, "epoch": epoch, "consumed": position,
                             "batches": self.cursor.batches}
-        batch["_events"], self.events = self.events, []
+        batch["_events"] = list(self.events)   # the readers hold this list: empty it, do not rebind
+        self.events.clear()
         return batch
 
     # -- training -----------------------------------------------------------
@@ -219,10 +237,9 @@ class StreamState:
             if position < skip:
                 self.events.append(("short_epoch", f"stream {self.stream}",
                                     f"epoch {epoch} has {position} samples, cursor had consumed {skip}"))
-            empty_epochs = empty_epochs + 1 if position == 0 else 0
+            empty_epochs = empty_epochs + 1 if position == 0 or self.last_item is None else 0
             if empty_epochs >= MAX_EMPTY_EPOCHS:
-                raise RuntimeError(f"loader stream {self.stream} (rank {self.plan.rank}, worker {self.worker}) "
-                                   f"read no samples in {empty_epochs} epochs in a row: are its shards readable?")
+                raise NoReadableData(self.no_data_reason(epoch, empty_epochs))
             epoch, skip = epoch + 1, 0
 
     # -- evaluation ---------------------------------------------------------
@@ -294,7 +311,17 @@ def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
 
 def _new_stats() -> dict[str, Any]:
     return {"batches": 0, "samples": 0, "padding": 0, "corrupt_shards": 0, "bad_samples": 0,
-            "short_epochs": 0, "failed_shards": [], "failures": []}
+            "short_epochs": 0, "corrupt_samples": 0, "short_shards": 0, "missing_samples": 0,
+            "unverified_shards": 0, "failed_shards": [], "failures": []}
+
+
+# event kind -> (stats counter, what the warning says)
+EVENTS = {"corrupt_shard": ("corrupt_shards", "skipped the rest of unreadable shard"),
+          "bad_sample": ("bad_samples", "skipped a bad sample in"),
+          "short_epoch": ("short_epochs", "fewer samples than the cursor expected in"),
+          "corrupt_sample": ("corrupt_samples", "skipped a corrupt sample in"),
+          "short_shard": ("short_shards", "shard shorter than its manifest:"),
+          "no_checksums": ("unverified_shards", "no checksums in")}
 
 
 class ShardLoader:
@@ -304,6 +331,7 @@ class ShardLoader:
         self.plan, self.num_workers, self.prefetch_factor = plan, num_workers, prefetch_factor
         self.stats = _new_stats()
         self._open: weakref.WeakSet = weakref.WeakSet()   # iterations not finished yet (their workers run)
+        self._unverified: set[str] = set()
         self.reset()
 
     # -- iteration ----------------------------------------------------------
@@ -364,15 +392,25 @@ class ShardLoader:
             self._count_event(kind, where, detail)
 
     def _count_event(self, kind: str, where: str, detail: str) -> None:
-        self.stats[{"corrupt_shard": "corrupt_shards", "bad_sample": "bad_samples",
-                    "short_epoch": "short_epochs"}[kind]] += 1
+        counter, what = EVENTS[kind]
+        if kind == "no_checksums":
+            if where in self._unverified:
+                return   # counted once per shard, however often it is read
+            self._unverified.add(where)
+        self.stats[counter] += 1
+        if kind == "short_shard":   # detail: "read R of the E samples its manifest lists (M missing)"
+            self.stats["missing_samples"] += int(re.search(r"\((\d+) missing\)", detail).group(1))
         if len(self.stats["failures"]) < MAX_LOGGED_FAILURES:
             self.stats["failures"].append({"kind": kind, "where": where, "detail": detail})
-        if kind == "corrupt_shard" and where not in self.stats["failed_shards"]:
+        if kind in ("corrupt_shard", "short_shard", "corrupt_sample") and where not in self.stats["failed_shards"]:
             self.stats["failed_shards"].append(where)
-        what = {"corrupt_shard": "skipped the rest of unreadable shard", "bad_sample": "skipped a bad sample in",
-                "short_epoch": "fewer samples than the cursor expected in"}[kind]
-        warnings.warn(f"loader: {what} {where}: {detail}", LoaderWarning, stacklevel=3)
+        if kind != "no_checksums" or self.stats[counter] == 1:   # "no checksums": one warning per loader
+            warnings.warn(f"loader: {what} {where}: {detail}", LoaderWarning, stacklevel=3)
+
+    def counts(self) -> dict[str, int]:
+        """The data-integrity counters (for metrics and the end-of-run summary)."""
+        return {k: int(self.stats[k]) for k in ("corrupt_samples", "corrupt_shards", "short_shards",
+                                                "missing_samples", "bad_samples", "unverified_shards")}
 
     # -- cursor -------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -441,14 +479,16 @@ def _with_counts(shards: list[Shard], plan: Plan) -> list[Shard]:
 def make_loader(source: str | os.PathLike | Sequence[str | os.PathLike], *, task: str, batch_size: int,
                 mode: str, seed: int, rank: int | None = None, world_size: int | None = None,
                 num_workers: int = 0, shuffle_buffer: int = 64, cache_dir: str | None = None,
-                cache_size: int = -1, prefetch_factor: int = 2, **task_options) -> ShardLoader:
+                cache_size: int = -1, prefetch_factor: int = 2, verify: bool = True,
+                **task_options) -> ShardLoader:
     """Batches of ``task`` ("vae" or "dit") from shards; see docs/loader.md for options and batch keys.
 
     ``mode="train"``: endless, shuffled, every rank x worker reads different shards.
     ``mode="eval"``: one pass, every sample exactly once across ranks, equal batch counts per rank
     (padding marked by ``batch["valid"]``). ``rank``/``world_size`` default to the initialised
     process group (else 0 / 1). ``cache_dir`` keeps downloaded remote shards on local disk
-    (``cache_size`` bytes, LRU; -1: unbounded).
+    (``cache_size`` bytes, LRU; -1: unbounded). ``verify`` checks every member's checksum (skipping and
+    counting corrupt samples, see :mod:`data_pipeline.loading.shard_reader`).
     """
     if mode not in MODES:
         raise ValueError(f"make_loader: mode must be one of {MODES}, got {mode!r}")
@@ -464,7 +504,7 @@ def make_loader(source: str | os.PathLike | Sequence[str | os.PathLike], *, task
     rank, world_size = _rank_and_world(rank, world_size)
     keys = required_keys(task, options) + optional_keys(task, options)
     plan = Plan(resolve_source(source), task, options, batch_size, mode, int(seed), rank, world_size,
-                max(1, num_workers), shuffle_buffer, cache_dir, cache_size, keys)
+                max(1, num_workers), shuffle_buffer, cache_dir, cache_size, keys, bool(verify))
     if mode == "eval":
         plan.shards = _with_counts(plan.shards, plan)
     else:

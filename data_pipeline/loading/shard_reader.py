@@ -5,17 +5,25 @@ everything else (``pipe:``, http, object stores; optional file cache) goes throu
 webdataset's openers and tar iterator. A read error or a missing end-of-archive
 marker ends the shard: earlier samples are kept, the possibly incomplete last one
 is dropped, and a ``corrupt_shard`` event names the shard.
+
+Every sample is verified against the checksum (XXH3) of each member recorded in its json (schema.CHECKSUM_KEY;
+on by default): a mismatch skips the sample with a ``corrupt_sample`` event naming shard, sample and
+member; a shard whose samples record no checksums (written before preprocess-5) adds one
+``no_checksums`` event. A shard that ends with fewer samples than its manifest lists adds a
+``short_shard`` event with the shortfall: this catches tarfile's silent stop at a damaged header.
 """
 from __future__ import annotations
 
 import tarfile
 from typing import Iterator, Protocol
 
+import json
+
 from webdataset.cache import FileCache, StreamingOpen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from data_pipeline.loading.shard_order import is_local
-
+from data_pipeline.schema import damaged_members
 
 
 class ReadOptions(Protocol):
@@ -23,6 +31,7 @@ class ReadOptions(Protocol):
     keys: tuple[str, ...]        # tar members the task uses; local shards skip the others unread
     cache_dir: str | None        # remote shards are cached here when set
     cache_size: int
+    verify: bool                 # check member checksums (loader default True)
 
 # ---------------------------------------------------------------------------
 
@@ -115,14 +124,8 @@ def streamed_tar_files(url: str, plan: ReadOptions, errors: list) -> Iterator[di
                 errors.append(exn)
 
 
-def shard_samples(url: str, plan: ReadOptions, events: list) -> Iterator[dict]:
-    """Raw samples (dict of bytes) of one shard, in tar order.
-
-    On any read error, and when the tar lacks its end-of-archive marker, the
-    shard ends: earlier samples are kept, the last one is dropped because it may
-    be incomplete, and a ``corrupt_shard`` event is added.
-    """
-    errors: list[BaseException] = []
+def grouped_samples(url: str, plan: ReadOptions, errors: list) -> Iterator[dict]:
+    """Raw samples of one shard in tar order, the last one held back until the shard ends cleanly."""
     fast = is_local(url) and url.endswith(".tar")
     files = local_tar_files(url, errors, set(plan.keys)) if fast else streamed_tar_files(url, plan, errors)
     held = None
@@ -130,11 +133,49 @@ def shard_samples(url: str, plan: ReadOptions, events: list) -> Iterator[dict]:
         if held is not None:
             yield held
         held = sample
+    if held is not None and not errors:
+        yield held
+
+
+def checksum_problem(sample: dict) -> str | None:
+    """Why ``sample`` fails verification ("no checksums" when its json records none), else None."""
+    try:
+        meta = json.loads(sample["json"])
+    except (KeyError, ValueError, UnicodeDecodeError) as err:
+        return f"unreadable json ({type(err).__name__})"
+    members = {k: v for k, v in sample.items() if not k.startswith("__")}
+    damaged = damaged_members(members, meta)
+    if damaged is None:
+        return "no checksums"
+    return f"member {', '.join(damaged)} fails its checksum" if damaged else None
+
+
+def shard_samples(url: str, plan: ReadOptions, events: list, expected: int | None = None) -> Iterator[dict]:
+    """Verified raw samples (dict of bytes) of one shard, in tar order.
+
+    On any read error, and when the tar lacks its end-of-archive marker, the shard ends: earlier
+    samples are kept, the last one is dropped because it may be incomplete, and a ``corrupt_shard``
+    event is added. ``expected`` (the manifest's count) turns a shorter shard into a ``short_shard``.
+    """
+    errors: list[BaseException] = []
+    read, unverified = 0, False
+    for sample in grouped_samples(url, plan, errors):
+        read += 1
+        problem = checksum_problem(sample) if getattr(plan, "verify", True) else None
+        if problem == "no checksums":
+            if not unverified:   # reported at once: events after a shard's last batch may not travel
+                events.append(("no_checksums", url, "written before checksums (preprocess-5): not verified"))
+            unverified, problem = True, None
+        if problem is None:
+            yield sample
+        else:
+            events.append(("corrupt_sample", url, f"sample {sample.get('__key__')}: {problem}"))
     if errors:
         first = errors[0]
         events.append(("corrupt_shard", url, f"{type(first).__name__}: {first.args[0] if first.args else first}"))
-    elif held is not None:
-        yield held
+    if expected is not None and read < expected:
+        events.append(("short_shard", url, f"read {read} of the {expected} samples its manifest lists "
+                                           f"({expected - read} missing)"))
 
 
 def count_samples(url: str, plan: ReadOptions) -> int:

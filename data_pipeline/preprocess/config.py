@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data_pipeline.cameras import CameraRig
+from data_pipeline.schema import MAX_VIEWS
+
 
 @dataclass
 class WatertightConfig:
@@ -80,11 +83,15 @@ class PreprocessConfig:
     shard_max_samples: int = 100            # a shard is closed after this many samples ...
     shard_max_bytes: int = 1_000_000_000    # ... or once it holds this many bytes
     mesh_timeout_s: float = 600.0           # a mesh still running after this is killed and logged as a failure
+    views: int = 8                          # condition views rendered per mesh (schema v2); 0 turns rendering off
+    render: CameraRig = field(default_factory=CameraRig)   # their size and cameras (data_pipeline/cameras.py)
 
     def __post_init__(self) -> None:
         if self.occupancy_resolution < 2 or self.occupancy_resolution % 2:
             raise ValueError(f"occupancy_resolution must be an even number >= 2, got {self.occupancy_resolution}")
         if self.shard_max_samples < 1:
             raise ValueError(f"shard_max_samples must be >= 1, got {self.shard_max_samples}")
+        if not 0 <= self.views <= MAX_VIEWS:
+            raise ValueError(f"views must be in [0, {MAX_VIEWS}], got {self.views}")
         if self.mesh_timeout_s <= 0:
             raise ValueError(f"mesh_timeout_s must be positive, got {self.mesh_timeout_s}")

@@ -39,15 +39,27 @@ def is_mesh_file(path: Path) -> bool:
 def load_mesh(path: str | Path, min_faces: int = 4) -> trimesh.Trimesh:
     """Read ``path`` as one triangle mesh: scenes flattened with their node transforms, duplicate
     vertices merged (also across UV seams and normal splits), degenerate faces dropped."""
+    return merge_parts(read_parts(path), min_faces)
+
+
+def read_parts(path: str | Path) -> list[trimesh.Trimesh]:
+    """The triangle geometries of ``path`` in world coordinates (scene node transforms applied),
+    with their visuals (materials, UVs, colours) kept for rendering condition views."""
     path = Path(path)
     if not is_mesh_file(path):
         raise MeshError(f"unsupported format {path.suffix or '(no extension)'!r} "
                         f"(supported: {', '.join(MESH_EXTENSIONS)})")
     if path.stat().st_size == 0:
         raise MeshError("empty file (0 bytes)")
-    loaded = _read(path)
-    mesh = _flatten(loaded)
-    _check_finite(mesh)
+    parts = _triangle_parts(_read(path))
+    for part in parts:
+        _check_finite(part)
+    return parts
+
+
+def merge_parts(parts: list[trimesh.Trimesh], min_faces: int = 4) -> trimesh.Trimesh:
+    """The parts of :func:`read_parts` as one clean mesh (plain geometry, merged vertices)."""
+    mesh = trimesh.util.concatenate(parts) if len(parts) > 1 else parts[0]
     return _clean(mesh, min_faces)
 
 
@@ -58,15 +70,15 @@ def _read(path: Path):
         raise MeshError(f"unreadable {path.suffix.lower()[1:]} file ({type(err).__name__}: {err})"[:500]) from None
 
 
-def _flatten(loaded) -> trimesh.Trimesh:
-    """Scene or geometry -> one Trimesh in world coordinates; point clouds and line sets are rejected."""
+def _triangle_parts(loaded) -> list[trimesh.Trimesh]:
+    """Scene or geometry -> its Trimesh parts in world coordinates; point clouds and line sets are rejected."""
     if isinstance(loaded, trimesh.Scene):
         parts = loaded.dump()  # every node's geometry with its transform applied
     else:
         parts = [loaded]
     triangles = [p for p in parts if isinstance(p, trimesh.Trimesh) and len(p.faces) > 0]
     if triangles:
-        return trimesh.util.concatenate(triangles) if len(triangles) > 1 else triangles[0]
+        return triangles
     kinds = {type(p).__name__ for p in parts}
     vertex_count = sum(len(getattr(p, "vertices", ())) for p in parts)
     if vertex_count == 0:

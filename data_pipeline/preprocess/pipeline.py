@@ -14,14 +14,17 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import schema
-from data_pipeline.preprocess.mesh_io import load_mesh, normalise
+from data_pipeline.cameras import sample_cameras
+from data_pipeline.preprocess.appearance import colored_parts
+from data_pipeline.preprocess.mesh_io import merge_parts, normalise, read_parts
 from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.preprocess.sampling import (fps_first, fps_order, near_queries, sample_sharp, sample_surface,
                                     volume_queries)
 from data_pipeline.preprocess.fidelity import faithful_watertight
 from data_pipeline.preprocess.watertight import signed_volume
 
-PIPELINE_VERSION = "preprocess-3"  # 2: points stored FPS order first; 3: max_deviation gate, quality record
+PIPELINE_VERSION = "preprocess-5"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
+                                   # 4: condition views (schema v2); 5: XXH3 checksum of every member in the json
 WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
                       "shell": "eps-shell around the input + flood fill + marching cubes"}
 
@@ -61,7 +64,8 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
     """Return the WebDataset sample of ``task`` (keys of schema.ARRAY_KEYS as arrays, plus json)."""
     clock = _Clock()
     sha = file_sha256(task.path)
-    raw = load_mesh(task.path, min_faces=cfg.min_faces)
+    parts = read_parts(task.path)
+    raw = merge_parts(parts, min_faces=cfg.min_faces)
     normalised = normalise(raw)
     clock.lap("load")
     conversion = faithful_watertight(normalised.mesh, cfg)   # raises FidelityError past max_deviation
@@ -98,9 +102,25 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
 
     sample.update(fps_prefix_arrays("surface", surface, surface_normal, surface_fps))
     sample.update(fps_prefix_arrays("sharp", sharp, sharp_normal, sharp_fps))
+    views = condition_views(task.mesh_id, parts, normalised, cfg)
+    sample.update(views.pop("images"))
+    clock.lap("render")
     sample["json"] = _metadata(task, sha, normalised, raw, watertight, result, cfg, sample, clock.timings)
     sample["json"]["quality"] = conversion.quality
+    sample["json"]["views"] = views["cameras"]
     return sample
+
+
+def condition_views(mesh_id: str, parts, normalised, cfg: PreprocessConfig) -> dict:
+    """{"images": {view_i.png: PNG bytes}, "cameras": json ``views`` list} (both empty when views=0).
+    The input's own parts (with their colours) are drawn in the sample's normalised space."""
+    if not cfg.views:
+        return {"images": {}, "cameras": []}
+    from data_pipeline.preprocess.render import encode_png, render_views   # needs OpenGL: only when used
+    cameras = sample_cameras(mesh_id, cfg.views, cfg.render, cfg.seed)
+    images = render_views(colored_parts(parts, normalised.center, normalised.scale), cameras, cfg.render.resolution)
+    return {"images": {schema.view_key(i): encode_png(image) for i, image in enumerate(images)},
+            "cameras": cameras}
 
 
 def fps_prefix_arrays(name: str, points: np.ndarray, normals: np.ndarray, order: np.ndarray) -> dict:

@@ -36,10 +36,17 @@ def job_tag(job_index: int, num_jobs: int) -> str:
 
 
 def encode_sample(sample: dict) -> dict[str, bytes]:
-    """Arrays -> .npy bytes, json dict -> utf-8; ``__key__`` is the mesh id."""
+    """Arrays -> .npy bytes, json dict -> utf-8, bytes (PNG views) as they are; ``__key__`` is the mesh id.
+
+    The json gets ``xxh3_64``: member name -> checksum of that member's bytes (schema.checksum), for every other member the
+    sample has (whatever members a schema version adds), so readers can detect a damaged payload.
+    """
     encoded: dict = {"__key__": sample["json"]["id"]}
     for key, value in sample.items():
-        encoded[key] = json.dumps(value).encode() if key == "json" else encode_npy(value)
+        if key != "json":
+            encoded[key] = value if isinstance(value, bytes) else encode_npy(value)
+    checksums = {key: schema.checksum(data) for key, data in encoded.items() if key != "__key__"}
+    encoded["json"] = json.dumps({**sample["json"], schema.CHECKSUM_KEY: checksums}).encode()
     return encoded
 
 

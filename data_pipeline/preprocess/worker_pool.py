@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable, Iterable
 
+from data_pipeline.preprocess import render
 from data_pipeline.preprocess.mesh_io import MeshError
 from data_pipeline.preprocess.pipeline import MeshTask, process_mesh
 from data_pipeline.preprocess.config import PreprocessConfig
@@ -29,6 +30,7 @@ class Outcome:
 def _worker(conn, cfg: PreprocessConfig, threads: int) -> None:
     # libigl sizes its thread pool from IGL_NUM_THREADS on first use: N workers share the cores.
     os.environ.setdefault("IGL_NUM_THREADS", str(threads))
+    os.environ.setdefault("LP_NUM_THREADS", str(threads))   # Mesa llvmpipe (condition views), same share
     while True:
         task = conn.recv()
         if task is None:
@@ -75,7 +77,7 @@ class _Slot:
 def run_pool(tasks: Iterable[MeshTask], cfg: PreprocessConfig, workers: int,
              on_outcome: Callable[[Outcome], None]) -> None:
     """Process every task; ``on_outcome`` is called in this process, in completion order."""
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.get_context(_start_method())
     threads = max(1, (os.cpu_count() or 1) // workers)
     pending = list(tasks)[::-1]    # pop() from the end keeps the input order
     slots = [_Slot(ctx, cfg, threads) for _ in range(max(1, min(workers, len(pending))))] if pending else []
@@ -108,6 +110,14 @@ def run_pool(tasks: Iterable[MeshTask], cfg: PreprocessConfig, workers: int,
     finally:
         for slot in slots:
             slot.stop()
+
+
+def _start_method() -> str:
+    """fork, unless this process has made an OpenGL context (it rendered condition views itself):
+    Mesa's state does not survive a fork and a forked worker's own context then hangs, so spawn."""
+    if render.context_made() or "fork" not in mp.get_all_start_methods():
+        return "spawn"
+    return "fork"
 
 
 def _replace(slot: _Slot, ctx, cfg: PreprocessConfig, threads: int) -> _Slot:

@@ -14,12 +14,12 @@ import torch
 
 from trainer.config import EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, require_strategy_package
 from trainer.engines.base import (DistributedSetupError, Engine, OptimizerFactory, SchedulerFactory,
-                                  describe_peer_failure, detect_launch, resolve_engine_config,
-                                  shutdown_process_group)
+                                  describe_peer_failure, detect_launch, shutdown_process_group)
+from trainer.engines.resolve import resolve_engine, resolve_run_config
 
 __all__ = ["DistributedSetupError", "Engine", "OptimizerFactory", "SchedulerFactory", "checkpoint_has_ema",
            "create_engine", "describe_peer_failure", "detect_launch", "read_full_state", "resolve_engine_config",
-           "shutdown_process_group"]
+           "resolve_run_config", "shutdown_process_group"]
 
 
 def read_full_state(directory: Path, strategy: str, use_ema: bool) -> dict[str, torch.Tensor]:
@@ -41,8 +41,14 @@ def checkpoint_has_ema(directory: Path, meta: dict[str, Any]) -> bool:
     return any(f == "ema.pt" or f.startswith("ema_rank_") for f in meta.get("files", []))
 
 
+def resolve_engine_config(cfg: EngineConfig, env: dict[str, str] | None = None) -> EngineConfig:
+    """``cfg`` with every engine setting concrete (see trainer/engines/resolve.py)."""
+    return resolve_engine(cfg, env)[0]
+
+
 def create_engine(cfg: EngineConfig, precision: str, optim: OptimConfig | None = None) -> Engine:
-    """The engine for ``cfg.strategy`` (or for the strategy an accelerate config asks for)."""
+    """The engine for ``cfg.strategy`` (or for the strategy an accelerate config asks for); a config
+    already resolved by :func:`resolve_run_config` resolves to itself."""
     cfg = resolve_engine_config(cfg)
     if cfg.strategy not in SUPPORTED_STRATEGIES:
         from data_pipeline.typed_config import ConfigError

@@ -14,7 +14,8 @@ MASTER_ADDR the same way, so one ``env://`` initialisation serves all three (sru
 from the launcher script). After initialisation the engine checks that the process group really has
 WORLD_SIZE distinct ranks (accelerate on CPU can otherwise silently run every process as rank 0 of 1).
 An ``accelerate launch`` config that asks for DeepSpeed or FSDP only selects the strategy (and its
-stage / offload / reshard settings); the wrapping is always done here, never by accelerate.
+stage / offload / reshard settings, resolved with every other source in trainer/engines/resolve.py);
+the wrapping is always done here, never by accelerate.
 
 Collectives time out after ``engine.timeout_s``: a dead or hung peer makes the others' next collective
 fail instead of hang; :func:`describe_peer_failure` turns that error into the one line `shapeflow
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import datetime
 import os
 import sys
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import CONFIG_DIR, EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, validate_engine
+from trainer.config import EngineConfig, OptimConfig
 from trainer.ema import EMA
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -69,46 +69,6 @@ def detect_launch(env: dict[str, str] | None = None) -> Launch:
     if not 0 <= rank < world:
         raise DistributedSetupError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return Launch(launcher, rank, local, world)
-
-
-def accelerate_strategy(env: dict[str, str] | None = None) -> str | None:
-    """The strategy an ``accelerate launch`` config asks for through its environment, if any."""
-    env = os.environ if env is None else env
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "deepspeed"
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp2"
-    return None
-
-
-def resolve_engine_config(cfg: EngineConfig, env: dict[str, str] | None = None) -> EngineConfig:
-    """``cfg`` with the strategy an accelerate config asks for (its stage, offload, JSON, reshard).
-
-    An explicit non-default ``engine.strategy`` that contradicts the accelerate config is an error:
-    silently training with another strategy than the one written in either file helps nobody.
-    """
-    env = os.environ if env is None else env
-    wanted = accelerate_strategy(env)
-    if wanted is None:
-        return cfg
-    from data_pipeline.typed_config import ConfigError
-    if cfg.strategy not in ("ddp", wanted):
-        raise ConfigError(f"engine.strategy: the config says {cfg.strategy} but the accelerate config "
-                          f"(ACCELERATE_USE_*) says {wanted}; make them agree")
-    if wanted == "fsdp2":
-        reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", str(cfg.reshard_after_forward)).lower()
-        return validate_engine(dataclasses.replace(cfg, strategy="fsdp2",
-                                                   reshard_after_forward=reshard in ("true", "1", "full_shard")))
-    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    offload = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower()
-    json_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
-    if json_file and not Path(json_file).is_file() and (CONFIG_DIR.parent / json_file).is_file():
-        json_file = str(CONFIG_DIR.parent / json_file)   # the shipped configs name it from the repo root
-    return validate_engine(dataclasses.replace(   # values written in the training config win
-        cfg, strategy="deepspeed",
-        zero_stage=cfg.zero_stage or (int(stage) if stage else None),
-        offload="optimizer" if cfg.offload == "none" and offload in ("cpu", "nvme") else cfg.offload,
-        deepspeed_config=cfg.deepspeed_config or json_file))
 
 
 def describe_peer_failure(err: BaseException, timeout_s: int) -> str | None:
@@ -178,6 +138,14 @@ class Engine(abc.ABC):
         self.model: nn.Module | None = None           # what forward() is called on
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def compile(self, model: nn.Module) -> nn.Module:
+        """``engine.compile``: regional compilation, applied by ``prepare`` before any wrapping."""
+        wanted = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+        if not wanted:
+            return model
+        from trainer.compile import compile_model
+        return compile_model(model)
 
     # -- identity -------------------------------------------------------
     @property

@@ -22,7 +22,7 @@ class DDPEngine(Engine):
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory,
                 make_scheduler: SchedulerFactory) -> nn.Module:
         """Move, wrap and build the optimiser; returns the module to call for the forward pass."""
-        model = model.to(self.device)
+        model = self.compile(model.to(self.device))
         self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.scheduler = make_scheduler(self.optimizer)
         if self.distributed:

@@ -135,7 +135,7 @@ class DeepSpeedEngine(Engine):
 
         # DeepSpeed insists on LOCAL_RANK even for one process started without a launcher
         os.environ.setdefault("LOCAL_RANK", str(self.launch.local_rank))
-        model = model.to(self.device)
+        model = self.compile(model.to(self.device))
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(trainable)
         self.scheduler = make_scheduler(optimizer)

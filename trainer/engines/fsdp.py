@@ -84,7 +84,7 @@ class FSDP2Engine(Engine):
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory,
                 make_scheduler: SchedulerFactory) -> nn.Module:
-        model = model.to(self.device)
+        model = self.compile(model.to(self.device))   # blocks' forward only: FSDP hooks stay eager
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         bf16 = self.precision == "bf16"
         block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
