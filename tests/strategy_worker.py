@@ -21,6 +21,7 @@ import torch.distributed as dist
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
 from trainer.engines import create_engine, shutdown_process_group
+from trainer.preemption import StopRequest
 from trainer.loop import Trainer, build_loader, make_optimizer, make_scheduler
 from trainer.tasks import make_task
 
@@ -59,12 +60,13 @@ def local_batches(global_batches: list[dict], engine, accum: int) -> list[list[d
 
 def run_steps(cfg, engine, task, model, ema, batches: list[list[dict]], first_step: int) -> list[float]:
     """The loop's optimizer_step on each step's micro-batches; returns each step's loss averaged over ranks."""
-    state = types.SimpleNamespace(cfg=cfg, engine=engine, task=task, model=model, step=first_step)
+    state = types.SimpleNamespace(cfg=cfg, engine=engine, task=task, model=model, step=first_step,
+                                  stop=StopRequest(), stop_agreed=False)
     losses = []
     for micro_batches in batches:
         metrics, applied = Trainer.optimizer_step(state, iter(micro_batches))
         assert applied, f"step {state.step} was skipped"
-        ema.update()
+        ema.update(state.step + 1)   # as the loop does: the n-th update (EMA warm-up)
         losses.append(engine.all_reduce_mean({"loss": metrics["loss"]})["loss"])
         state.step += 1
     return losses

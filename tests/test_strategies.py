@@ -36,9 +36,11 @@ STRATEGIES = {
     # setting); at debug sizes that is most of them, so the test partitions every parameter
     "zero3": ["engine.strategy=deepspeed", "engine.zero_stage=3", "engine.deepspeed_config={zero3_all}"],
     "fsdp2": ["engine.strategy=fsdp2"],
-    # regional torch.compile (trainer.compile_model) before the wrapping, against the eager one-process run
-    "ddp_compiled": ["engine.strategy=ddp", "engine.compile=true"],
-    "fsdp2_compiled": ["engine.strategy=fsdp2", "engine.compile=true"],
+    # regional torch.compile (trainer.compile_model) before the wrapping, against the eager one-process run;
+    # aot_eager captures the same graphs (dynamo + AOTAutograd around DDP / FSDP2 hooks) without inductor's
+    # C++ builds (minutes per process on CPU); inductor numerics are checked in one process (test_compile.py)
+    "ddp_compiled": ["engine.strategy=ddp", "engine.compile=true", "engine.compile_backend=aot_eager"],
+    "fsdp2_compiled": ["engine.strategy=fsdp2", "engine.compile=true", "engine.compile_backend=aot_eager"],
 }
 COMMON = ["optim.warmup_steps=1", "optim.lr=1e-3", "ema.decay=0.5", "run.progress=false"]
 
@@ -108,8 +110,8 @@ class Runs:
             out.mkdir(exist_ok=True)
             tasks = ("vae", "dit") if accum == 1 else ("vae",)
             spec = {"mode": "train", "out": str(out), "jobs": self.jobs(strategy, 4 // world // accum, accum, tasks)}
-            # compiled runs build C++ kernels first (minutes on a loaded 2-core machine)
-            timeout = 4 * TIMEOUT_S if strategy.endswith("_compiled") else TIMEOUT_S
+            # compiled runs trace every block first (dynamo + AOTAutograd: tens of seconds)
+            timeout = 2 * TIMEOUT_S if strategy.endswith("_compiled") else TIMEOUT_S
             self.results[key] = launch(world, spec, out / "spec.json", timeout)
         return self.results[key], out
 
@@ -134,7 +136,7 @@ def assert_models_close(got: dict, want: dict, rel: float) -> None:
     assert diff <= rel * norm, f"|got - want| = {diff:.3g} > {rel} * |want| = {rel * norm:.3g}"
 
 
-@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.timeout(1800)) if s.endswith("_compiled") else s
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.timeout(1200)) if s.endswith("_compiled") else s
                                       for s in sorted(STRATEGIES)])
 def test_two_processes_match_one_process(runs, strategy):
     one, one_dir = runs.get("ddp", world=1)

@@ -56,20 +56,22 @@ def is_compiled(model: nn.Module) -> bool:
     return any(getattr(block, _COMPILED, False) for block in compiled_blocks(model))
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile each block's forward in place (regional compilation) and return ``model``.
 
     Idempotent; call it after moving the model to its device and before any distributed wrapper.
-    Falls back to the eager model with a warning when the compiler is unavailable.
+    Falls back to the eager model with a warning when the compiler is unavailable. ``backend`` is
+    torch.compile's: ``inductor`` generates kernels (needs a C++ compiler on CPU, Triton on CUDA);
+    ``aot_eager`` / ``eager`` only capture graphs (no code generation: quick, no speed-up).
     """
     params = next(model.parameters(), None)
     device_type = params.device.type if params is not None else "cpu"
-    problem = compiler_problem(device_type)
+    problem = compiler_problem(device_type) if backend == "inductor" else None
     if problem is not None:
         warnings.warn(f"engine.compile: {problem}; training runs eagerly (uncompiled)", RuntimeWarning, stacklevel=2)
         return model
     for block in compiled_blocks(model):
         if not getattr(block, _COMPILED, False):
-            block.forward = torch.compile(block.forward)   # instance attribute: hooks and keys unchanged
+            block.forward = torch.compile(block.forward, backend=backend)   # instance attribute: hooks and keys unchanged
             setattr(block, _COMPILED, True)
     return model

@@ -73,6 +73,9 @@ class EngineConfig:
     # regional torch.compile of every block (trainer.compile_model; eager with a warning where the compiler
     # is missing). None: on for CUDA, off on CPU (minutes of C++ warm-up per run; see docs/benchmarks.md)
     compile: bool | None = None
+    # torch.compile backend: inductor (generated kernels, the speed-up), or aot_eager / eager (graph capture
+    # only: no C++ or Triton build; for checking that a model and a strategy compile, e.g. in CPU tests)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
 
 
 @dataclass

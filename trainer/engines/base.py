@@ -145,7 +145,7 @@ class Engine(abc.ABC):
         if not wanted:
             return model
         from trainer.compile import compile_model
-        return compile_model(model)
+        return compile_model(model, backend=self.cfg.compile_backend)
 
     # -- identity -------------------------------------------------------
     @property
