@@ -2,7 +2,7 @@
 
 Method (winding-number solid + narrow band + marching cubes):
 
-* inside/outside comes from the generalised winding number |w| > 1/2 (igl.fast_winding_number), so
+* inside/outside comes from the generalised winding number |w| > 1/2 (igl's fast winding number), so
   open, multi-part, self-intersecting and inverted inputs get a sensible solid and a wide hole is
   capped by the w = 1/2 surface instead of leaking (a flood fill from outside would leave a hollow shell);
 * w is evaluated everywhere only on a coarse grid and then refined by doubling: a finer grid point
@@ -168,6 +168,44 @@ def _inside_dense(queries: MeshQueries, R: int) -> tuple[np.ndarray, _ExactPoint
     return (exact.abs_winding > 0.5).reshape((R + 1,) * 3), exact
 
 
+MORTON_BITS = 7   # 128^3 cells over the query box for the query order
+
+
+def spatial_order(xyz: np.ndarray) -> np.ndarray:
+    """int64 [n]: argsort of the points [n, 3] along a Morton (Z-order) curve."""
+    cell = np.clip(((xyz + 1.1) / 2.2 * (1 << MORTON_BITS)).astype(np.int64), 0, (1 << MORTON_BITS) - 1)
+    key = np.zeros(len(xyz), dtype=np.int64)
+    for bit in range(MORTON_BITS):
+        for axis in range(3):
+            key |= ((cell[:, axis] >> bit) & 1) << (3 * bit + axis)
+    return np.argsort(key, kind="stable")
+
+
+def in_spatial_order(query, xyz: np.ndarray):
+    """``query(points)`` run on ``xyz`` [n, 3] in Morton order, every returned array put back in the
+    caller's order. Same results; consecutive queries visit the same tree nodes (2-3x fewer CPU
+    seconds than random order for scattered queries)."""
+    order = spatial_order(xyz)
+    out = query(np.ascontiguousarray(xyz[order], dtype=np.float64))
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return tuple(a[back] for a in out) if isinstance(out, tuple) else out[back]
+
+
+class WindingNumbers:
+    """Generalised winding numbers of one mesh at query points. igl.fast_winding_number(V, F, Q)
+    rebuilds its hierarchy on every call (0.6 CPU-s for a 400k-face mesh); this builds it once."""
+
+    def __init__(self, V: np.ndarray, F: np.ndarray) -> None:
+        self._bvh = igl.FastWindingNumberBVH()
+        self._bvh.init(V, F)
+
+    def __call__(self, xyz: np.ndarray) -> np.ndarray:
+        if len(xyz) == 0:
+            return np.zeros(0)
+        return in_spatial_order(self._bvh.winding_number, xyz)
+
+
 class MeshQueries:
     """Winding numbers and unsigned distances of the input mesh at query points, with counters."""
 
@@ -176,12 +214,13 @@ class MeshQueries:
         self.F = np.ascontiguousarray(mesh.faces, dtype=np.int64)
         self.winding_count = self.distance_count = 0
         self._tree = None     # igl.AABB, built on the first distance query and reused
+        self._winding = None  # WindingNumbers, built on the first winding query and reused
 
     def winding(self, xyz: np.ndarray) -> np.ndarray:
         self.winding_count += len(xyz)
-        if len(xyz) == 0:
-            return np.zeros(0)
-        return igl.fast_winding_number(self.V, self.F, np.ascontiguousarray(xyz, dtype=np.float64))
+        if self._winding is None:
+            self._winding = WindingNumbers(self.V, self.F)
+        return self._winding(xyz)
 
     def distance(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Unsigned distances [n] and the index of the closest face [n]."""
