@@ -1,8 +1,15 @@
-"""`shapeflow demo`: the whole pipeline on the bundled meshes, in minutes on a CPU.
+"""`shapeflow demo`: the whole image-to-3D pipeline on the bundled meshes, in minutes on a CPU.
 
-    assets/meshes --preprocess--> OUT/shards --train vecset_vae_debug--> OUT/vae
-      --train vecset_dit_debug (latents of the frozen VAE)--> OUT/dit --sample--> OUT/samples (.glb + .png)
+    assets/meshes --preprocess (with condition views)--> OUT/shards --train vecset_vae_debug--> OUT/vae
+      --train vecset_dit_debug conditioned on images (latents of the frozen VAE, a tiny random DINOv2)--> OUT/dit
+      --sample --image (one held-out view of each demo shape)--> OUT/samples (.glb, previews,
+        compare_XX.png = condition view | generated mesh | true mesh, and the Chamfer-nearest table)
       --eval (VAE reconstruction)--> OUT/eval.json
+
+No DINOv2 weights can be downloaded here, so the demo saves a tiny randomly initialised DINOv2-shaped
+encoder (``trainer.image_encoder.save_tiny_dinov2``) to OUT/dinov2-tiny and trains with it: its features
+are random projections of the image, still enough to tell the bundled shapes apart. The DiT trains on
+views 0..DEMO_VIEWS-2 of every shape; the last view is held out and used for sampling.
 
 Every stage is the real command, called in-process (``trainer.commands.main`` for preprocess / sample /
 eval, ``trainer.loop.train`` for training) with demo-sized overrides of the debug presets. Both training
@@ -21,11 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from trainer.shape_match import format_table, load_mesh_file, nearest_table, read_shapes
+
 REPO = Path(__file__).resolve().parents[2]
 MESH_DIR = REPO / "assets" / "meshes"
 PREPROCESS_CONFIG = REPO / "configs" / "preprocess" / "tiny.yaml"
 DEMO_EXPERIMENT = "shapeflow-demo"
 FAST_MESHES = ("spot.obj", "suzanne.obj", "teapot.obj", "cow.obj")
+DEMO_SHAPES = FAST_MESHES        # the shapes sampled from a held-out view (the table's rows)
+DEMO_VIEWS = 6                   # condition views per mesh; the last one is held out of training
+VIEW_OVERRIDES = (f"views={DEMO_VIEWS}", "render.resolution=112")
+ENCODER_SIZE = 56                # tiny DINOv2 input: 4 x 4 patches of 14 px
 
 
 @dataclass(frozen=True)
@@ -34,17 +47,16 @@ class DemoSize:
     preprocess_overrides: tuple[str, ...]
     vae_steps: int
     dit_steps: int
-    num_samples: int
     sample_steps: int
     grid: int
     eval_samples: int
 
 
-FULL = DemoSize(preprocess_overrides=(), vae_steps=1500, dit_steps=1000, num_samples=4, sample_steps=30, grid=64,
+FULL = DemoSize(preprocess_overrides=(), vae_steps=1500, dit_steps=1000, sample_steps=30, grid=64,
                 eval_samples=0)
 FAST = DemoSize(preprocess_overrides=("watertight.resolution=32", "watertight.coarse_resolution=16",
                                       "sampling.volume_points=1024", "occupancy_resolution=16"),
-                vae_steps=12, dit_steps=12, num_samples=2, sample_steps=4, grid=16, eval_samples=2)
+                vae_steps=12, dit_steps=12, sample_steps=4, grid=16, eval_samples=2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +108,7 @@ def command(*argv: str) -> int:
 
 def preprocess(meshes: list[Path], shards: Path, size: DemoSize, workers: int) -> None:
     rc = command("preprocess", *meshes, "--out", shards, "--config", PREPROCESS_CONFIG, "--workers", workers,
-                 *size.preprocess_overrides)
+                 *VIEW_OVERRIDES, *size.preprocess_overrides)
     if rc not in (0, 3) or not list(shards.glob("*.tar")):  # 3: some meshes failed, see failures.jsonl
         raise RuntimeError(f"shapeflow demo: preprocessing failed (exit code {rc}); see {shards}")
 
@@ -131,12 +143,49 @@ def dit_overrides(shards: Path, vae_ckpt: Path, size: DemoSize) -> list[str]:
             f"eval.grid_resolution={size.grid}", f"eval.sample_steps={size.sample_steps}", "eval.num_samples=2"]
 
 
-def sample(dit_ckpt: Path, out: Path, size: DemoSize) -> dict[str, Any]:
-    rc = command("sample", dit_ckpt, "--out", out, "--num", size.num_samples, "--steps", size.sample_steps,
-                 "--resolution", size.grid, "--format", "glb", "--preview")
+def image_overrides(encoder: Path) -> list[str]:
+    train_views = ", ".join(str(v) for v in range(DEMO_VIEWS - 1))
+    return ["condition.kind=image", f"condition.image_encoder={encoder}", f"condition.image_size={ENCODER_SIZE}",
+            "condition.cache=true", f"condition.train_views=[{train_views}]", f"condition.eval_view={DEMO_VIEWS - 1}"]
+
+
+def sample(dit_ckpt: Path, images: list[Path], out: Path, size: DemoSize) -> dict[str, Any]:
+    pictures = [arg for image in images for arg in ("--image", image)]
+    rc = command("sample", dit_ckpt, *pictures, "--out", out, "--steps", size.sample_steps,
+                 "--resolution", size.grid, "--format", "glb")
     if rc != 0:
         raise RuntimeError(f"shapeflow demo: sampling failed (exit code {rc})")
     return json.loads((out / "samples.json").read_text())
+
+
+def tiny_encoder(folder: Path) -> Path:
+    from trainer.image_encoder import save_tiny_dinov2
+
+    return folder if (folder / "config.json").exists() else save_tiny_dinov2(folder, image_size=ENCODER_SIZE)
+
+
+def held_out_views(shapes: dict, names: list[str], folder: Path) -> list[Path]:
+    """The held-out view (index DEMO_VIEWS - 1) of each named shape, written as folder/<name>.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        path = folder / f"{Path(name).stem}.png"
+        path.write_bytes(shapes[name].views[DEMO_VIEWS - 1])
+        paths.append(path)
+    return paths
+
+
+def match_samples(shapes: dict, names: list[str], samples: Path, mesh_dir: Path) -> tuple[list[dict], int]:
+    """The Chamfer-nearest table, and compare_XX.png = condition view | generated mesh | true mesh."""
+    from data_pipeline.preprocess.mesh_io import load_mesh, normalise
+    from trainer import meshing
+
+    generated = [load_mesh_file(samples / f"sample_{i:02d}.glb") for i in range(len(names))]
+    for i, name in enumerate(names):
+        truth = meshing.save_preview(normalise(load_mesh(mesh_dir / name)).mesh, samples / f"true_{i:02d}.png", name)
+        meshing.save_side_by_side([samples.parent / "conditions" / f"{Path(name).stem}.png",
+                                   samples / f"sample_{i:02d}.png", truth], samples / f"compare_{i:02d}.png")
+    return nearest_table(list(zip(names, generated)), shapes)
 
 
 def evaluate(vae_ckpt: Path, shards: Path, out: Path, size: DemoSize) -> dict[str, Any]:
@@ -226,27 +275,39 @@ def run(args: argparse.Namespace) -> int:
     meshes = demo_meshes(Path(args.meshes), args.fast)
     shards = out / "shards"
     stages = Stages(5)
-    with stages.stage("preprocess", f"preprocess {len(meshes)} meshes -> {shards}"):
+    with stages.stage("preprocess", f"preprocess {len(meshes)} meshes with {DEMO_VIEWS} views each -> {shards}"):
         preprocess(meshes, shards, size, args.workers)
     with demo_tracking(out) as (uri, experiment):
         with stages.stage("vae", f"train the VAE ({size.vae_steps} steps) -> {out / 'vae'}"):
             vae = train_stage("vecset_vae_debug", out / "vae", vae_overrides(shards, size))
             vae_ckpt = final_checkpoint(out / "vae")
-        with stages.stage("dit", f"train the DiT ({size.dit_steps} steps) on the VAE's latents -> {out / 'dit'}"):
-            dit = train_stage("vecset_dit_debug", out / "dit", dit_overrides(shards, vae_ckpt, size))
+        with stages.stage("dit", f"train the image-conditioned DiT ({size.dit_steps} steps, tiny random DINOv2) "
+                                 f"-> {out / 'dit'}"):
+            encoder = tiny_encoder(out / "dinov2-tiny")
+            dit = train_stage("vecset_dit_debug", out / "dit",
+                              dit_overrides(shards, vae_ckpt, size) + image_overrides(encoder))
             dit_ckpt = final_checkpoint(out / "dit")
-        with stages.stage("sample", f"sample {size.num_samples} meshes -> {out / 'samples'}"):
-            samples = sample(dit_ckpt, out / "samples", size)
+        with stages.stage("sample", f"sample one mesh per held-out view of {len(DEMO_SHAPES)} shapes "
+                                    f"-> {out / 'samples'}"):
+            shapes = read_shapes(shards)
+            names = [name for name in DEMO_SHAPES if name in shapes]
+            samples = sample(dit_ckpt, held_out_views(shapes, names, out / "conditions"), out / "samples", size)
+            table, correct = match_samples(shapes, names, out / "samples", Path(args.meshes))
+            samples["files"] += [str(p) for p in sorted((out / "samples").glob("compare_*.png"))]
         with stages.stage("eval", f"evaluate the VAE -> {out / 'eval.json'}"):
             report = evaluate(vae_ckpt, shards, out / "eval.json", size)
             log_to_runs(uri, vae["mlflow_run_id"], dit["mlflow_run_id"], samples, report, out / "eval.json")
     seconds = time.perf_counter() - started
     text = summarize(out, uri, experiment, vae, dit, report, samples, seconds)
+    text += (f"\n  image -> 3D  generated mesh nearest (Chamfer) to the shape of its condition view: {correct} of "
+             f"{len(table)} (the condition encoder is a tiny RANDOM DINOv2, no weights can be downloaded here)\n"
+             + format_table(table, len(shapes)))
     timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.seconds.items())
     (out / "summary.json").write_text(json.dumps({
         "out": str(out), "shards": str(shards), "vae_checkpoint": str(vae_ckpt), "dit_checkpoint": str(dit_ckpt),
         "samples": samples["files"], "eval": report["mean"], "mlflow_tracking_uri": uri,
         "mlflow_experiment": experiment, "mlflow_runs": {"vae": vae["mlflow_run_id"], "dit": dit["mlflow_run_id"]},
-        "seconds": round(seconds, 1), "stage_seconds": stages.seconds}, indent=2))
+        "seconds": round(seconds, 1), "stage_seconds": stages.seconds, "nearest_table": table,
+        "nearest_correct": correct}, indent=2))
     print(f"{text}\n  stage times  {timing}")
     return 0
