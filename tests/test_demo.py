@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from train_fixtures import REPO
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from data_pipeline import schema
-
 from trainer import meshing
 from trainer import objectives as obj
 
@@ -82,8 +81,8 @@ def nearest_table(rows: list[tuple[str, object]], shapes: dict[str, StoredShape]
 
 
 def format_table(table: list[dict], total_shapes: int) -> str:
-    lines = [f"  {'condition view of':22s} {'Chamfer to it':>13s}  {'nearest of ' + str(total_shapes) + ' shapes':24s} "
-             f"{'Chamfer':>8s}  ok"]
+    nearest = f"nearest of {total_shapes} shapes"
+    lines = [f"  {'condition view of':22s} {'Chamfer to it':>13s}  {nearest:24s} {'Chamfer':>8s}  ok"]
     for row in table:
         lines.append(f"  {row['shape']:22s} {row['chamfer_to_true']:13.4f}  {row['nearest']:24s} "
                      f"{row['chamfer_to_nearest']:8.4f}  {'yes' if row['correct'] else 'NO'}")
