@@ -339,6 +339,28 @@ def test_pipe_sources_stream_like_local_files(loader_shards):
     assert [b["id"] for b in take(piped, 6)] == [b["id"] for b in take(local, 6)]
 
 
+def test_stats_count_bytes_read_from_storage(loader_shards):
+    """Local shards: the used members plus tar headers (skipped members are seeked over; tarfile
+    reads a member's 512-byte header block up to three times); a pipe: source streams every byte."""
+    import tarfile
+
+    tars = shard_files(loader_shards)
+    local = make_loader([str(p) for p in tars], batch_size=4, mode="eval", seed=0, **SMALL)
+    used, members = 0, 0
+    for path in tars:
+        with tarfile.open(path) as tar:
+            infos = tar.getmembers()
+        members += len(infos)
+        used += sum(i.size for i in infos if i.name.partition(".")[2] in local.plan.keys)
+    list(local)
+    assert used <= local.stats["bytes_read"] <= used + 3 * 513 * members + 2048 * len(tars)
+    assert local.stats["bytes_read"] < 0.9 * sum(p.stat().st_size for p in tars)  # the skipped members
+    piped = make_loader([f"pipe:cat {p}" for p in tars], batch_size=4, mode="eval", seed=0, **SMALL)
+    list(piped)
+    assert piped.stats["bytes_read"] == sum(p.stat().st_size for p in tars)
+    assert piped.stats["samples"] == local.stats["samples"] > 0
+
+
 @pytest.mark.filterwarnings("ignore:loader. no manifest counts")
 def test_dit_reads_cached_latents_class_ids_and_embeddings(loader_shards, tmp_path):
     """Later schema keys (latent.npy, embedding.npy, a class in json) added to real samples."""

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.loading.batches import (
     BadSample, collate, draw_token_count, optional_keys, parse_task_options, required_keys, sample_arrays,
 )
-from data_pipeline.loading.shard_reader import count_samples, shard_samples
+from data_pipeline.loading.shard_reader import ReadCounter, count_samples, shard_samples
 from data_pipeline.loading.shard_order import (
     TAG_BATCH, TAG_SAMPLE, TAG_SHUFFLE, Shard, eval_batches_per_stream, eval_segments, fingerprint,
     is_local, parts_per_shard, resolve_source, seeded_rng, training_units,
@@ -144,30 +144,32 @@ def interleave(sources: Iterator[Iterator[dict]], width: int) -> Iterator[dict]:
                 active[i] = replacement
 
 
-def unit_samples(plan: Plan, unit, events: list) -> Iterator[dict]:
+def unit_samples(plan: Plan, unit, events: list, counter: ReadCounter) -> Iterator[dict]:
     shard = plan.shards[unit.shard]
-    for index, raw in enumerate(shard_samples(shard.url, plan, events, shard.num_samples)):
+    for index, raw in enumerate(shard_samples(shard.url, plan, events, shard.num_samples, counter)):
         if unit.owns(index):
             yield raw
 
 
-def training_epoch_samples(plan: Plan, stream: int, epoch: int, events: list) -> Iterator[dict]:
+def training_epoch_samples(plan: Plan, stream: int, epoch: int, events: list,
+                           counter: ReadCounter | None = None) -> Iterator[dict]:
     """The raw samples a training stream reads in ``epoch``, shuffled: a pure function of the arguments.
 
     ``OPEN_SHARDS`` of the stream's shards are read in turns, and a shuffle buffer mixes the result,
     so neighbouring samples of one shard rarely end up in the same batch.
     """
     units = training_units([s.num_samples for s in plan.shards], plan.num_streams, plan.seed, epoch)[stream]
-    mixed = interleave((unit_samples(plan, unit, events) for unit in units), OPEN_SHARDS)
+    counter = counter or ReadCounter()
+    mixed = interleave((unit_samples(plan, unit, events, counter) for unit in units), OPEN_SHARDS)
     return buffered_shuffle(mixed, plan.shuffle_buffer, seeded_rng(plan.seed, epoch, stream, TAG_SHUFFLE))
 
 
-def eval_samples(plan: Plan, stream: int, events: list) -> Iterator[dict]:
+def eval_samples(plan: Plan, stream: int, events: list, counter: ReadCounter | None = None) -> Iterator[dict]:
     """The raw samples an evaluation stream owns, in shard order."""
     counts = [s.num_samples for s in plan.shards]
     for seg in eval_segments(counts, plan.num_streams)[stream]:
         url = plan.shards[seg.shard].url
-        for index, raw in enumerate(shard_samples(url, plan, events, plan.shards[seg.shard].num_samples)):
+        for index, raw in enumerate(shard_samples(url, plan, events, plan.shards[seg.shard].num_samples, counter)):
             if index >= seg.stop and is_local(url):
                 break  # (a pipe is drained instead, so its command does not die of SIGPIPE)
             if seg.start <= index < seg.stop:
@@ -182,6 +184,7 @@ class StreamState:
         self.stream = plan.stream_index(worker)
         self.cursor = StreamCursor(**vars(cursor))
         self.events: list = []
+        self.read = ReadCounter()   # bytes read since the last emitted batch
         self.pending: list[dict] = []
         self.last_item: dict | None = None
 
@@ -216,6 +219,7 @@ class StreamState:
                             "batches": self.cursor.batches}
         batch["_events"] = list(self.events)   # the readers hold this list: empty it, do not rebind
         self.events.clear()
+        batch["_bytes_read"] = self.read.take()
         return batch
 
     # -- training -----------------------------------------------------------
@@ -224,7 +228,7 @@ class StreamState:
         empty_epochs = 0
         while True:
             position = 0
-            for raw in training_epoch_samples(self.plan, self.stream, epoch, self.events):
+            for raw in training_epoch_samples(self.plan, self.stream, epoch, self.events, self.read):
                 position += 1
                 if position <= skip:
                     continue  # resume: consumed before the checkpoint
@@ -248,7 +252,7 @@ class StreamState:
         total = sum(s.num_samples for s in plan.shards)
         target = eval_batches_per_stream(total, plan.num_streams, plan.batch_size)
         skip, position = self.cursor.consumed, 0
-        for raw in eval_samples(plan, self.stream, self.events):
+        for raw in eval_samples(plan, self.stream, self.events, self.read):
             position += 1
             if position <= skip:
                 continue
@@ -267,7 +271,7 @@ class StreamState:
     def padding_template(self) -> dict:
         """Any decodable sample of the data set (for a stream that has none of its own)."""
         for shard in self.plan.shards:
-            for raw in shard_samples(shard.url, self.plan, []):
+            for raw in shard_samples(shard.url, self.plan, [], counter=self.read):
                 item = self.decode(raw, 0)
                 if item is not None:
                     return item
@@ -310,7 +314,7 @@ def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
 # ---------------------------------------------------------------------------
 
 def _new_stats() -> dict[str, Any]:
-    return {"batches": 0, "samples": 0, "padding": 0, "corrupt_shards": 0, "bad_samples": 0,
+    return {"batches": 0, "samples": 0, "bytes_read": 0, "padding": 0, "corrupt_shards": 0, "bad_samples": 0,
             "short_epochs": 0, "corrupt_samples": 0, "short_shards": 0, "missing_samples": 0,
             "unverified_shards": 0, "failed_shards": [], "failures": []}
 
@@ -361,6 +365,7 @@ class ShardLoader:
     def _iterate(self) -> Iterator[dict]:
         for batch in self._batches():
             self._record(batch.pop("_cursor"), batch.pop("_events"))
+            self.stats["bytes_read"] += int(batch.pop("_bytes_read"))
             valid = int(batch["valid"].sum())
             self.stats["samples"] += valid
             self.stats["padding"] += len(batch["id"]) - valid
