@@ -17,8 +17,8 @@ Per GPU and step (weak scaling: the per-GPU batch stays fixed as nodes are added
               NIC (one rail per GPU, as NCCL's rings use them)  k (n-1)/n (S/g) / B_ib,
               k = 2 for all-reduce, 1 for all-gather / reduce-scatter; g GPUs per node, n nodes
   optimizer = Adam update bytes of the local parameter shard / HBM bandwidth
-  data      = per-node samples x loader bytes per sample / storage bandwidth per node (the loader
-              prefetches, so it overlaps the GPU work)
+  data      = per-node samples x loader bytes per sample / storage bandwidth per node, which is
+              min(per-node figure, aggregate / nodes) (the loader prefetches: it overlaps the GPU work)
   step      = max(data, compute + comm + optimizer)            without overlap
               max(data, max(compute, comm) + optimizer)        with overlap (buckets / prefetch hide comm)
 Collective latency (alpha terms) is not modelled: large buckets keep it small (docs/scaling.md).
@@ -54,6 +54,7 @@ class Hardware:
     nvlink: float           # achievable ring bus bandwidth per GPU inside a node, bytes/s
     ib: float               # achievable bandwidth per GPU to other nodes (one 400 Gb/s NDR NIC per GPU)
     storage: float          # shared file system / object store read bandwidth per node, bytes/s
+    storage_total: float = 0.0   # the file system's aggregate read bandwidth, bytes/s (0: no limit)
 
 
 HARDWARE = {
@@ -184,7 +185,8 @@ def predict(w: Workload, strategy: str, nodes: int, hw: Hardware, overlap: bool)
     comm = sum(comm_seconds(kind, s, nodes, hw) for kind, s in collectives(strategy, w.params))
     optimizer = w.params * sharded_fraction(strategy, world) * ADAM_BYTES_PER_PARAM / hw.hbm
     node_samples = w.batch * GPUS_PER_NODE
-    data = node_samples * w.sample_bytes / hw.storage
+    node_storage = min(hw.storage, hw.storage_total / nodes) if hw.storage_total else hw.storage
+    data = node_samples * w.sample_bytes / node_storage
     gpu = (max(compute, comm) if overlap else compute + comm) + optimizer
     step = max(data, gpu)
     ideal = compute + w.params * ADAM_BYTES_PER_PARAM / hw.hbm / GPUS_PER_NODE  # one node, no comm, no I/O limit
@@ -277,6 +279,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", choices=sorted(HARDWARE), default="h100")
     parser.add_argument("--mfu", type=float)
     parser.add_argument("--storage-gbps", type=float, help="storage read GB/s per node")
+    parser.add_argument("--storage-total-gbps", type=float, help="aggregate storage GB/s of the cluster")
     parser.add_argument("--ib-gbps", type=float, help="inter-node GB/s per GPU")
     parser.add_argument("--sample-mb", type=float, help="loader MB read per sample (e.g. bytes_read/samples)")
     parser.add_argument("--validate", action="store_true", help="2-process gloo runs vs predicted bytes")
@@ -286,7 +289,7 @@ def main(argv=None) -> int:
         return 0 if print_validation(validate(args.strategies.split(","))) else 1
     hw = HARDWARE[args.gpu]
     hw = replace(hw, mfu=args.mfu or hw.mfu, storage=(args.storage_gbps or hw.storage / 1e9) * 1e9,
-                 ib=(args.ib_gbps or hw.ib / 1e9) * 1e9)
+                 ib=(args.ib_gbps or hw.ib / 1e9) * 1e9, storage_total=(args.storage_total_gbps or 0) * 1e9)
     workload = measure_workload(args.preset, args.batch, args.sample_mb and args.sample_mb * 1e6)
     print(table(workload, hw, [n for n in NODE_COUNTS if n <= args.nodes]))
     return 0
