@@ -392,6 +392,33 @@ def test_resume_on_another_world_size_continues_the_pass(loader_shards, all_ids,
     assert run_ranks(again, 2) == run_ranks(new, 2)
 
 
+def test_resume_resized_again_before_the_epoch_ends(loader_shards, all_ids):
+    """2 ranks -> 1 rank for one step -> 2 ranks again, all inside epoch 0: the second resize replays
+    the first one's skips (resized_from) and the epoch is still seen once."""
+    def ranks(world):
+        return [make_loader(loader_shards, batch_size=2, mode="train", seed=6, rank=r, world_size=world,
+                            shuffle_buffer=3, **SMALL) for r in range(world)]
+
+    def gathered(loaders):
+        states = [loader.gathered_state_dict() for loader in loaders]
+        history = next((s["resized_from"] for s in states if s["resized_from"]), None)
+        return json.loads(json.dumps({"ranks": [s["ranks"][0] for s in states], "resized_from": history}))
+
+    first = ranks(2)
+    seen = run_ranks(first, 1)
+    middle = ranks(1)
+    middle[0].load_state_dict(gathered(first))
+    seen += run_ranks(middle, 1)
+    assert middle[0].epoch == 0 and gathered(middle)["resized_from"]["world_size"] == 2
+    last = ranks(2)
+    for loader in last:
+        loader.load_state_dict(gathered(middle))
+    seen += run_to_epoch_end(last)
+    assert set(seen) == set(all_ids)
+    replayed = sum(loader.stats["resize_replayed"] for loader in middle + last[:1])
+    assert len(seen) - len(all_ids) <= replayed + sum(loader.plan.batch_size for loader in last)
+
+
 def test_stats_count_bytes_read_from_storage(loader_shards):
     """Local shards: the used members plus tar headers (skipped members are seeked over; tarfile
     reads a member's 512-byte header block up to three times); a pipe: source streams every byte."""

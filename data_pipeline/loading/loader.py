@@ -362,6 +362,8 @@ class ShardLoader:
         worker = int(cursor["worker"])
         self.cursors[worker] = StreamCursor(int(cursor["epoch"]), int(cursor["consumed"]), int(cursor["batches"]))
         self.next_worker = (worker + 1) % self.plan.workers
+        if self.history is not None and self.epoch > self.history["epoch"]:
+            self.history = None   # this rank is past the resized epoch (ranks still in it keep their copy)
         for kind, where, detail in events:
             self._count_event(kind, where, detail)
 
