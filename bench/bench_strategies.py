@@ -49,6 +49,10 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.tasks import DitObjective
 
     torch.set_num_threads(1)
+    if args.count_comm:
+        sys.path.insert(0, str(REPO / "bench"))
+        import comm_counter
+        comm_counter.install()
     cfg = load_train_config(None, ["task=vae", "data.path=unused", f"precision={args.precision}",
                                    f"engine.compile={str(args.compile).lower()}", *json.loads(args.overrides)])
     engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
@@ -57,8 +61,10 @@ def worker(args: argparse.Namespace) -> None:
                        condition="none", in_channels=64)
     model = engine.prepare(DitObjective(net), partial(make_optimizer, cfg=cfg.optim),
                            partial(make_scheduler, cfg=cfg.optim, max_steps=1000))
+    if args.count_comm and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        comm_counter.count_ddp(model)
     gen = torch.Generator().manual_seed(engine.rank)
-    times = []
+    times, comm = [], []
     for _ in range(args.steps):
         x0, eps = (torch.randn(args.batch, args.tokens, 64, generator=gen).to(engine.device) for _ in range(2))
         t = torch.rand(args.batch, generator=gen).to(engine.device)
@@ -70,7 +76,8 @@ def worker(args: argparse.Namespace) -> None:
         engine.step(1.0)
         engine.barrier()
         times.append(time.perf_counter() - tic)
-    report = {"step_s": statistics.median(times[1:]), **engine.memory_report(),
+        comm.append(comm_counter.reset() if args.count_comm else {})
+    report = {"step_s": statistics.median(times[1:]), **engine.memory_report(), "comm": comm[1:],
               "params": sum(p.numel() for p in net.parameters()) if engine.strategy != "deepspeed" else None}
     reports = engine.gather_objects(report)
     if engine.is_main:
@@ -91,7 +98,8 @@ def run_strategy(name: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker",
            "--overrides", json.dumps(overrides), "--out", str(out), "--width", str(args.width),
            "--depth", str(args.depth), "--tokens", str(args.tokens), "--batch", str(args.batch),
-           "--steps", str(args.steps), "--precision", args.precision] + (["--compile"] if args.compile else [])
+           "--steps", str(args.steps), "--precision", args.precision,
+           *(["--compile"] if args.compile else []), *(["--count-comm"] if getattr(args, "count_comm", False) else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -112,6 +120,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="engine.compile=true (regional torch.compile); "
                         "the first, compiling step is excluded from the median as the warm-up")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--count-comm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()

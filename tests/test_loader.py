@@ -339,6 +339,108 @@ def test_pipe_sources_stream_like_local_files(loader_shards):
     assert [b["id"] for b in take(piped, 6)] == [b["id"] for b in take(local, 6)]
 
 
+def run_ranks(loaders, steps: int) -> list[str]:
+    """``steps`` batches from every rank (in turns, as synchronous training steps draw them): the ids."""
+    iters = [iter(loader) for loader in loaders]
+    return [i for _ in range(steps) for it in iters for i in next(it)["id"]]
+
+
+def run_to_epoch_end(loaders) -> list[str]:
+    """Each rank's batches until its streams are past epoch 0 (its last batch may hold epoch-1 rows;
+    in training a rank that is done goes on into epoch 1 while the others finish)."""
+    seen = []
+    for loader in loaders:
+        it = iter(loader)
+        while loader.epoch == 0:
+            seen += next(it)["id"]
+    return seen
+
+
+@pytest.mark.parametrize("before,after,workers_before,workers_after", [(2, 1, 0, 0), (1, 2, 0, 0), (2, 1, 2, 0)])
+def test_resume_on_another_world_size_continues_the_pass(loader_shards, all_ids, before, after,
+                                                         workers_before, workers_after):
+    """A run saved on `before` ranks and resumed on `after` ranks sees every sample of the epoch once:
+    duplicates are only the documented replay (samples of epoch 1 that old streams had consumed before
+    the save) plus the rows of the last batches that reach into epoch 1."""
+    def ranks(world, workers):
+        return [make_loader(loader_shards, batch_size=2, mode="train", seed=5, rank=r, world_size=world,
+                            num_workers=workers, shuffle_buffer=3, **SMALL) for r in range(world)]
+
+    old = ranks(before, workers_before)
+    seen = run_ranks(old, 3 if before == 1 else 1)
+    saved = {"ranks": [loader.gathered_state_dict()["ranks"][0] for loader in old], "resized_from": None}
+    saved = json.loads(json.dumps(saved))  # a checkpoint holds JSON
+    for loader in old:
+        loader.close()
+    new = ranks(after, workers_after)
+    for loader in new:
+        loader.load_state_dict(saved)
+    replayed = new[0].stats["resize_replayed"]   # epoch-1 samples the old run had consumed
+    assert all(loader.stats["resize_replayed"] == replayed for loader in new)
+    seen += run_to_epoch_end(new)
+    counts = collections.Counter(seen)
+    assert set(counts) == set(all_ids), "a sample of the epoch was skipped"
+    # a stream whose epoch ends exactly at a batch end shows epoch 0 until its next batch (all epoch 1)
+    straddle = sum(loader.plan.batch_size * loader.plan.workers for loader in new)
+    assert len(seen) - len(all_ids) <= replayed + straddle, counts
+    # a second, same-size resume of the resized run continues it exactly
+    state = {"ranks": [loader.gathered_state_dict()["ranks"][0] for loader in new],
+             "resized_from": new[0].gathered_state_dict()["resized_from"]}
+    again = ranks(after, workers_after)
+    for loader in again:
+        loader.load_state_dict(json.loads(json.dumps(state)))
+    assert run_ranks(again, 2) == run_ranks(new, 2)
+
+
+def test_resume_resized_again_before_the_epoch_ends(loader_shards, all_ids):
+    """2 ranks -> 1 rank for one step -> 2 ranks again, all inside epoch 0: the second resize replays
+    the first one's skips (resized_from) and the epoch is still seen once."""
+    def ranks(world):
+        return [make_loader(loader_shards, batch_size=2, mode="train", seed=6, rank=r, world_size=world,
+                            shuffle_buffer=3, **SMALL) for r in range(world)]
+
+    def gathered(loaders):
+        states = [loader.gathered_state_dict() for loader in loaders]
+        history = next((s["resized_from"] for s in states if s["resized_from"]), None)
+        return json.loads(json.dumps({"ranks": [s["ranks"][0] for s in states], "resized_from": history}))
+
+    first = ranks(2)
+    seen = run_ranks(first, 1)
+    middle = ranks(1)
+    middle[0].load_state_dict(gathered(first))
+    seen += run_ranks(middle, 1)
+    assert middle[0].epoch == 0 and gathered(middle)["resized_from"]["world_size"] == 2
+    last = ranks(2)
+    for loader in last:
+        loader.load_state_dict(gathered(middle))
+    seen += run_to_epoch_end(last)
+    assert set(seen) == set(all_ids)
+    replayed = sum(loader.stats["resize_replayed"] for loader in middle + last[:1])
+    assert len(seen) - len(all_ids) <= replayed + sum(loader.plan.batch_size for loader in last)
+
+
+def test_stats_count_bytes_read_from_storage(loader_shards):
+    """Local shards: the used members plus tar headers (skipped members are seeked over; tarfile
+    reads a member's 512-byte header block up to three times); a pipe: source streams every byte."""
+    import tarfile
+
+    tars = shard_files(loader_shards)
+    local = make_loader([str(p) for p in tars], batch_size=4, mode="eval", seed=0, **SMALL)
+    used, members = 0, 0
+    for path in tars:
+        with tarfile.open(path) as tar:
+            infos = tar.getmembers()
+        members += len(infos)
+        used += sum(i.size for i in infos if i.name.partition(".")[2] in local.plan.keys)
+    list(local)
+    assert used <= local.stats["bytes_read"] <= used + 3 * 513 * members + 2048 * len(tars)
+    assert local.stats["bytes_read"] < 0.9 * sum(p.stat().st_size for p in tars)  # the skipped members
+    piped = make_loader([f"pipe:cat {p}" for p in tars], batch_size=4, mode="eval", seed=0, **SMALL)
+    list(piped)
+    assert piped.stats["bytes_read"] == sum(p.stat().st_size for p in tars)
+    assert piped.stats["samples"] == local.stats["samples"] > 0
+
+
 @pytest.mark.filterwarnings("ignore:loader. no manifest counts")
 def test_dit_reads_cached_latents_class_ids_and_embeddings(loader_shards, tmp_path):
     """Later schema keys (latent.npy, embedding.npy, a class in json) added to real samples."""

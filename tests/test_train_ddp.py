@@ -144,3 +144,9 @@ def test_shapeflow_train_as_two_ddp_processes(train_shards, tmp_path, launcher):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_id == meta["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3]
+    gathered = ckpt.gathered_loader_states(run_dir / "checkpoints" / "step_00000003", 2)
+    assert [s["rank"] for s in gathered["ranks"]] == [0, 1] and gathered["ranks"][0]["world_size"] == 2
+    if launcher == "torchrun":   # one process resumes and its loader takes the 2-rank cursor (test_loader.py)
+        train(load_train_config("vecset_vae_debug", [f"data.path={train_shards}", f"run.dir={run_dir}", *FAST,
+                                                     "run.max_steps=4", "run.ckpt_every=4", "run.eval_every=0"]))
+        assert ckpt.read_meta(run_dir / "checkpoints" / "step_00000004")["world_size"] == 1

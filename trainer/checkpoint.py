@@ -210,9 +210,21 @@ def load_checkpoint(engine: Engine, path: Path, *, ema: EMA | None) -> tuple[dic
         per_rank = torch.load(own, weights_only=False)
         restore_rng(per_rank["rng"])
         return meta, per_rank["loader"]
-    # A different number of ranks: RNG streams cannot be mapped one to one, and a per-rank loader
-    # cursor does not apply to another split; the loop reseeds and the loader starts a new pass.
-    return meta, None
+    # A different number of ranks: RNG streams cannot be mapped one to one (the loop reseeds); the
+    # loader continues the old run's data stream from every old rank's cursor (docs/loader.md).
+    return meta, gathered_loader_states(path, meta["world_size"])
+
+
+def gathered_loader_states(path: Path, world_size: int) -> dict[str, Any] | None:
+    """Every old rank's loader cursor as one gathered cursor (None when a rank saved none)."""
+    states = []
+    for rank in range(world_size):
+        file = path / rank_file(rank)
+        state = torch.load(file, weights_only=False)["loader"] if file.exists() else None
+        if state is None:
+            return None
+        states.append(state)
+    return {"ranks": states}
 
 
 # ---------------------------------------------------------------------------

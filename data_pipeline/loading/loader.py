@@ -34,7 +34,6 @@ produced again after a restore.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import re
@@ -52,10 +51,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.loading.batches import (
     BadSample, collate, draw_token_count, optional_keys, parse_task_options, required_keys, sample_arrays,
 )
-from data_pipeline.loading.shard_reader import count_samples, shard_samples
+from data_pipeline.loading.resize import OPEN_SHARDS, Skip, done_set, history_from_gathered, replayed
+from data_pipeline.loading.shard_reader import ReadCounter, count_samples, shard_samples
 from data_pipeline.loading.shard_order import (
-    TAG_BATCH, TAG_SAMPLE, TAG_SHUFFLE, Shard, eval_batches_per_stream, eval_segments, fingerprint,
-    is_local, parts_per_shard, resolve_source, seeded_rng, training_units,
+    TAG_BATCH, TAG_SAMPLE, TAG_SHUFFLE, Shard, buffered_shuffle, eval_batches_per_stream, eval_segments,
+    fingerprint, interleave, is_local, parts_per_shard, resolve_source, seeded_rng, training_units,
 )
 
 
@@ -63,7 +63,6 @@ MODES = ("train", "eval")
 CURSOR_FORMAT = 1
 MAX_EMPTY_EPOCHS = 3     # a training stream that reads nothing this many epochs in a row raises
 MAX_LOGGED_FAILURES = 100
-OPEN_SHARDS = 4          # shards a training stream reads in turns (mixing before the shuffle buffer)
 
 
 class NoReadableData(RuntimeError):
@@ -92,6 +91,7 @@ class Plan:
     cache_size: int
     keys: tuple[str, ...] = ()      # tar members the task uses (local shards skip the others unread)
     verify: bool = True             # check each member's checksum against the sample's json
+    skip: Skip | None = None        # after a resume on another stream count: samples already consumed
 
     @property
     def num_streams(self) -> int:
@@ -112,62 +112,32 @@ class StreamCursor:
 # one stream
 # ---------------------------------------------------------------------------
 
-def buffered_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Shuffle buffer: keep ``size`` samples, emit a random one for each new arrival, drain at the end."""
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        j = int(rng.integers(len(buffer)))
-        yield buffer[j]
-        buffer[j] = sample
-    for j in rng.permutation(len(buffer)):
-        yield buffer[j]
-
-
-def interleave(sources: Iterator[Iterator[dict]], width: int) -> Iterator[dict]:
-    """Round-robin over ``width`` open sources at a time; a finished source is replaced by the next one."""
-    pending = iter(sources)
-    active = list(itertools.islice(pending, width))
-    i = 0
-    while active:
-        i %= len(active)
-        try:
-            yield next(active[i])
-            i += 1
-        except StopIteration:
-            replacement = next(pending, None)
-            if replacement is None:
-                active.pop(i)
-            else:
-                active[i] = replacement
-
-
-def unit_samples(plan: Plan, unit, events: list) -> Iterator[dict]:
+def unit_samples(plan: Plan, unit, epoch: int, events: list, counter: ReadCounter) -> Iterator[dict]:
     shard = plan.shards[unit.shard]
-    for index, raw in enumerate(shard_samples(shard.url, plan, events, shard.num_samples)):
-        if unit.owns(index):
+    for index, raw in enumerate(shard_samples(shard.url, plan, events, shard.num_samples, counter)):
+        if unit.owns(index) and (plan.skip is None or plan.skip.owns(epoch, unit.shard, index)):
             yield raw
 
 
-def training_epoch_samples(plan: Plan, stream: int, epoch: int, events: list) -> Iterator[dict]:
+def training_epoch_samples(plan: Plan, stream: int, epoch: int, events: list,
+                           counter: ReadCounter | None = None) -> Iterator[dict]:
     """The raw samples a training stream reads in ``epoch``, shuffled: a pure function of the arguments.
 
     ``OPEN_SHARDS`` of the stream's shards are read in turns, and a shuffle buffer mixes the result,
     so neighbouring samples of one shard rarely end up in the same batch.
     """
     units = training_units([s.num_samples for s in plan.shards], plan.num_streams, plan.seed, epoch)[stream]
-    mixed = interleave((unit_samples(plan, unit, events) for unit in units), OPEN_SHARDS)
+    counter = counter or ReadCounter()
+    mixed = interleave((unit_samples(plan, unit, epoch, events, counter) for unit in units), OPEN_SHARDS)
     return buffered_shuffle(mixed, plan.shuffle_buffer, seeded_rng(plan.seed, epoch, stream, TAG_SHUFFLE))
 
 
-def eval_samples(plan: Plan, stream: int, events: list) -> Iterator[dict]:
+def eval_samples(plan: Plan, stream: int, events: list, counter: ReadCounter | None = None) -> Iterator[dict]:
     """The raw samples an evaluation stream owns, in shard order."""
     counts = [s.num_samples for s in plan.shards]
     for seg in eval_segments(counts, plan.num_streams)[stream]:
         url = plan.shards[seg.shard].url
-        for index, raw in enumerate(shard_samples(url, plan, events, plan.shards[seg.shard].num_samples)):
+        for index, raw in enumerate(shard_samples(url, plan, events, plan.shards[seg.shard].num_samples, counter)):
             if index >= seg.stop and is_local(url):
                 break  # (a pipe is drained instead, so its command does not die of SIGPIPE)
             if seg.start <= index < seg.stop:
@@ -182,6 +152,7 @@ class StreamState:
         self.stream = plan.stream_index(worker)
         self.cursor = StreamCursor(**vars(cursor))
         self.events: list = []
+        self.read = ReadCounter()   # bytes read since the last emitted batch
         self.pending: list[dict] = []
         self.last_item: dict | None = None
 
@@ -216,6 +187,7 @@ class StreamState:
                             "batches": self.cursor.batches}
         batch["_events"] = list(self.events)   # the readers hold this list: empty it, do not rebind
         self.events.clear()
+        batch["_bytes_read"] = self.read.take()
         return batch
 
     # -- training -----------------------------------------------------------
@@ -224,7 +196,7 @@ class StreamState:
         empty_epochs = 0
         while True:
             position = 0
-            for raw in training_epoch_samples(self.plan, self.stream, epoch, self.events):
+            for raw in training_epoch_samples(self.plan, self.stream, epoch, self.events, self.read):
                 position += 1
                 if position <= skip:
                     continue  # resume: consumed before the checkpoint
@@ -248,7 +220,7 @@ class StreamState:
         total = sum(s.num_samples for s in plan.shards)
         target = eval_batches_per_stream(total, plan.num_streams, plan.batch_size)
         skip, position = self.cursor.consumed, 0
-        for raw in eval_samples(plan, self.stream, self.events):
+        for raw in eval_samples(plan, self.stream, self.events, self.read):
             position += 1
             if position <= skip:
                 continue
@@ -267,7 +239,7 @@ class StreamState:
     def padding_template(self) -> dict:
         """Any decodable sample of the data set (for a stream that has none of its own)."""
         for shard in self.plan.shards:
-            for raw in shard_samples(shard.url, self.plan, []):
+            for raw in shard_samples(shard.url, self.plan, [], counter=self.read):
                 item = self.decode(raw, 0)
                 if item is not None:
                     return item
@@ -310,7 +282,7 @@ def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
 # ---------------------------------------------------------------------------
 
 def _new_stats() -> dict[str, Any]:
-    return {"batches": 0, "samples": 0, "padding": 0, "corrupt_shards": 0, "bad_samples": 0,
+    return {"batches": 0, "samples": 0, "bytes_read": 0, "padding": 0, "corrupt_shards": 0, "bad_samples": 0,
             "short_epochs": 0, "corrupt_samples": 0, "short_shards": 0, "missing_samples": 0,
             "unverified_shards": 0, "failed_shards": [], "failures": []}
 
@@ -330,6 +302,7 @@ class ShardLoader:
     def __init__(self, plan: Plan, num_workers: int, prefetch_factor: int):
         self.plan, self.num_workers, self.prefetch_factor = plan, num_workers, prefetch_factor
         self.stats = _new_stats()
+        self.history: dict | None = None   # the run(s) before a resize (while their epoch is not over)
         self._open: weakref.WeakSet = weakref.WeakSet()   # iterations not finished yet (their workers run)
         self._unverified: set[str] = set()
         self.reset()
@@ -361,6 +334,7 @@ class ShardLoader:
     def _iterate(self) -> Iterator[dict]:
         for batch in self._batches():
             self._record(batch.pop("_cursor"), batch.pop("_events"))
+            self.stats["bytes_read"] += int(batch.pop("_bytes_read"))
             valid = int(batch["valid"].sum())
             self.stats["samples"] += valid
             self.stats["padding"] += len(batch["id"]) - valid
@@ -388,6 +362,8 @@ class ShardLoader:
         worker = int(cursor["worker"])
         self.cursors[worker] = StreamCursor(int(cursor["epoch"]), int(cursor["consumed"]), int(cursor["batches"]))
         self.next_worker = (worker + 1) % self.plan.workers
+        if self.history is not None and self.epoch > self.history["epoch"]:
+            self.history = None   # this rank is past the resized epoch (ranks still in it keep their copy)
         for kind, where, detail in events:
             self._count_event(kind, where, detail)
 
@@ -420,20 +396,32 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's cursor (small, JSON-serialisable). Save one per rank, or use gathered_state_dict()."""
-        return {"format": CURSOR_FORMAT, "rank": self.plan.rank, **self._identity(),
-                "next_worker": self.next_worker, "streams": [vars(c).copy() for c in self.cursors]}
+        state = {"format": CURSOR_FORMAT, "rank": self.plan.rank, **self._identity(),
+                 "shuffle_buffer": self.plan.shuffle_buffer,
+                 "next_worker": self.next_worker, "streams": [vars(c).copy() for c in self.cursors]}
+        if self.history is not None:
+            state["resized_from"] = self.history
+        return state
 
     def gathered_state_dict(self) -> dict[str, Any]:
-        """Every rank's cursor in one dict (a collective when torch.distributed is initialised)."""
+        """Every rank's cursor in one dict (a collective when torch.distributed is initialised).
+        The only form that can resume on a different number of ranks or workers."""
         mine = self.state_dict()
+        history = mine.pop("resized_from", None)   # the same on every rank: stored once
+        states = [mine]
         if self.plan.world_size > 1 and _dist_ready():
-            states: list = [None] * self.plan.world_size
+            states = [None] * self.plan.world_size
             torch.distributed.all_gather_object(states, mine)
-            return {"ranks": states}
-        return {"ranks": [mine]}
+        return {"ranks": states, "resized_from": history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a cursor made by state_dict() or gathered_state_dict() with the same setup."""
+        """Continue from a cursor made by state_dict() or gathered_state_dict(). A training cursor
+        gathered from a run with another world size, worker count or batch size continues that
+        run's data stream (docs/loader.md, "Resume cursor")."""
+        if "ranks" in state and self._resized(state):
+            self._load_resized(state)
+            return
+        history = state.get("resized_from")
         if "ranks" in state:
             matches = [s for s in state["ranks"] if s.get("rank") == self.plan.rank]
             if not matches:
@@ -444,9 +432,39 @@ class ShardLoader:
         for key, value in {"rank": self.plan.rank, **self._identity()}.items():
             if state.get(key) != value:
                 raise ValueError(f"loader cursor was saved with {key}={state.get(key)!r} but this loader has "
-                                 f"{key}={value!r}; an exact resume needs the same setup")
+                                 f"{key}={value!r}; an exact resume needs the same setup (a training cursor "
+                                 f"from gathered_state_dict() may change world size, workers and batch size)")
         self.cursors = [StreamCursor(**s) for s in state["streams"]]
         self.next_worker = int(state["next_worker"])
+        self._set_history(history or state.get("resized_from"))
+
+    def _resized(self, state: dict[str, Any]) -> bool:
+        first = state["ranks"][0] if state["ranks"] else {}
+        changed = any(first.get(k) != v for k, v in self._identity().items()
+                      if k in ("world_size", "num_workers", "batch_size"))
+        same = all(first.get(k) == v for k, v in self._identity().items() if k in ("mode", "seed", "shards"))
+        return changed and same and self.plan.mode == "train" and first.get("format") == CURSOR_FORMAT
+
+    def _counts(self) -> list[int]:
+        counts = [s.num_samples for s in self.plan.shards]
+        if any(c is None for c in counts):
+            raise ValueError("loader cursor: resuming on a different number of ranks or workers needs the "
+                             "shards' sample counts (load them through their manifest)")
+        return counts
+
+    def _load_resized(self, state: dict[str, Any]) -> None:
+        history = history_from_gathered(state, self.plan.shuffle_buffer)
+        buffer = history["shuffle_buffer"]
+        self._set_history(history)
+        self.cursors = [StreamCursor(epoch=history["epoch"]) for _ in range(self.plan.workers)]
+        self.next_worker = 0
+        self.stats["resize_replayed"] = replayed(history, self._counts(), self.plan.seed, buffer)
+
+    def _set_history(self, history: dict | None) -> None:
+        """Skip what the run(s) before a resize consumed of their earliest epoch."""
+        self.history = history
+        self.plan.skip = None if history is None else done_set(
+            history, self._counts(), self.plan.seed, history.get("shuffle_buffer", self.plan.shuffle_buffer))
 
     @property
     def epoch(self) -> int:

@@ -30,12 +30,13 @@ URL webdataset can open (``pipe:aws s3 cp s3://b/x.tar -``, ``http://``...).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import braceexpand
 import numpy as np
@@ -233,6 +234,42 @@ def training_units(counts: Sequence[int | None], num_streams: int, seed: int, ep
     units = [Unit(shard, part, k) for shard, k in enumerate(parts) for part in range(k)]
     order = seeded_rng(seed, epoch, TAG_SHARD_ORDER).permutation(len(units))
     return [[units[i] for i in order[g::num_streams]] for g in range(num_streams)]
+
+
+# ---------------------------------------------------------------------------
+# mixing inside a training stream (also replayed without data by loading.resize)
+# ---------------------------------------------------------------------------
+
+def buffered_shuffle(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Shuffle buffer: keep ``size`` samples, emit a random one for each new arrival, drain at the end."""
+    buffer: list = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(len(buffer)))
+        yield buffer[j]
+        buffer[j] = sample
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
+
+
+def interleave(sources: Iterator[Iterator], width: int) -> Iterator:
+    """Round-robin over ``width`` open sources at a time; a finished source is replaced by the next one."""
+    pending = iter(sources)
+    active = list(itertools.islice(pending, width))
+    i = 0
+    while active:
+        i %= len(active)
+        try:
+            yield next(active[i])
+            i += 1
+        except StopIteration:
+            replacement = next(pending, None)
+            if replacement is None:
+                active.pop(i)
+            else:
+                active[i] = replacement
 
 
 def eval_segments(counts: Sequence[int], num_streams: int) -> list[list[Segment]]:

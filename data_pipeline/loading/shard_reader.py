@@ -26,6 +26,46 @@ from data_pipeline.loading.shard_order import is_local
 from data_pipeline.schema import damaged_members
 
 
+class ReadCounter:
+    """Bytes a stream has read from storage (local file reads and streamed bytes alike)."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def take(self) -> int:
+        """The bytes counted since the last take()."""
+        value, self.bytes = self.bytes, 0
+        return value
+
+
+class CountingFile:
+    """A seekable binary file that adds every byte it returns to a :class:`ReadCounter`
+    (skipped members are seeked over, so they cost nothing)."""
+
+    def __init__(self, raw, counter: ReadCounter):
+        self.raw, self.counter = raw, counter
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.counter.bytes += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> "CountingFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class ReadOptions(Protocol):
     """What reading a shard needs (the loader's ``Plan`` provides it)."""
     keys: tuple[str, ...]        # tar members the task uses; local shards skip the others unread
@@ -46,11 +86,13 @@ class CheckedStream:
 
     END_MARKER = bytes(1024)
 
-    def __init__(self, stream):
+    def __init__(self, stream, counter: ReadCounter | None = None):
         self.stream, self.tail, self.eof, self.head = stream, b"", False, b""
+        self.counter = counter or ReadCounter()
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
+        self.counter.bytes += len(data)
         if not data and size != 0:
             self.eof = True
         if len(self.head) < 2:
@@ -82,7 +124,7 @@ def _recorder(errors: list):
     return record
 
 
-def local_tar_files(path: str, errors: list, wanted: set[str]) -> Iterator[dict]:
+def local_tar_files(path: str, errors: list, wanted: set[str], counter: ReadCounter) -> Iterator[dict]:
     """Members of a local uncompressed tar, read with seeks (2-3x faster than tarfile's stream mode).
 
     Only members whose suffix is in ``wanted`` (all when empty) are read; the others are skipped.
@@ -91,7 +133,7 @@ def local_tar_files(path: str, errors: list, wanted: set[str]) -> Iterator[dict]
     error; tarfile alone stops silently when the cut falls on a header.
     """
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with CountingFile(open(path, "rb"), counter) as fileobj, tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for member in tar:
                 if member.isfile() and not member.name.startswith("__") and (
                         not wanted or base_plus_ext(member.name)[1] in wanted):
@@ -103,13 +145,13 @@ def local_tar_files(path: str, errors: list, wanted: set[str]) -> Iterator[dict]
         errors.append(exn)
 
 
-def streamed_tar_files(url: str, plan: ReadOptions, errors: list) -> Iterator[dict]:
+def streamed_tar_files(url: str, plan: ReadOptions, errors: list, counter: ReadCounter) -> Iterator[dict]:
     """Members of any shard webdataset can open (pipe:, http, object stores; cached if asked)."""
     streams: list[CheckedStream] = []
 
     def checked(sources):
         for source in sources:
-            streams.append(CheckedStream(source["stream"]))
+            streams.append(CheckedStream(source["stream"], counter))
             yield dict(source, stream=streams[-1])
 
     try:
@@ -124,10 +166,12 @@ def streamed_tar_files(url: str, plan: ReadOptions, errors: list) -> Iterator[di
                 errors.append(exn)
 
 
-def grouped_samples(url: str, plan: ReadOptions, errors: list) -> Iterator[dict]:
-    """Raw samples of one shard in tar order, the last one held back until the shard ends cleanly."""
+def grouped_samples(url: str, plan: ReadOptions, errors: list, counter: ReadCounter) -> Iterator[dict]:
+    """Raw samples of one shard in tar order, the last one held back until the shard ends cleanly;
+    ``counter`` adds up the bytes read from storage."""
     fast = is_local(url) and url.endswith(".tar")
-    files = local_tar_files(url, errors, set(plan.keys)) if fast else streamed_tar_files(url, plan, errors)
+    files = (local_tar_files(url, errors, set(plan.keys), counter) if fast
+             else streamed_tar_files(url, plan, errors, counter))
     held = None
     for sample in group_by_keys(files, handler=_recorder(errors), suffixes=set(plan.keys) or None):
         if held is not None:
@@ -150,8 +194,9 @@ def checksum_problem(sample: dict) -> str | None:
     return f"member {', '.join(damaged)} fails its checksum" if damaged else None
 
 
-def shard_samples(url: str, plan: ReadOptions, events: list, expected: int | None = None) -> Iterator[dict]:
-    """Verified raw samples (dict of bytes) of one shard, in tar order.
+def shard_samples(url: str, plan: ReadOptions, events: list, expected: int | None = None,
+                  counter: ReadCounter | None = None) -> Iterator[dict]:
+    """Verified raw samples (dict of bytes) of one shard, in tar order; ``counter`` adds up the bytes read.
 
     On any read error, and when the tar lacks its end-of-archive marker, the shard ends: earlier
     samples are kept, the last one is dropped because it may be incomplete, and a ``corrupt_shard``
@@ -159,7 +204,7 @@ def shard_samples(url: str, plan: ReadOptions, events: list, expected: int | Non
     """
     errors: list[BaseException] = []
     read, unverified = 0, False
-    for sample in grouped_samples(url, plan, errors):
+    for sample in grouped_samples(url, plan, errors, counter or ReadCounter()):
         read += 1
         problem = checksum_problem(sample) if getattr(plan, "verify", True) else None
         if problem == "no checksums":

@@ -16,6 +16,7 @@ from data_pipeline.typed_config import ConfigError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("trainer.commands.preprocess", "meshes -> watertight SDF samples -> WebDataset shards"),
+    "reshard": ("trainer.commands.reshard", "compact training shards holding only what a task's steps read"),
     "inspect": ("trainer.commands.inspect", "summarise a shard directory and write a preview PNG"),
     "train": ("trainer.commands.train", "train a VAE or a DiT from a YAML config"),
     "sample": ("trainer.commands.sample", "sample meshes from a DiT checkpoint"),
