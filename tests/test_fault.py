@@ -17,7 +17,7 @@ from multiproc import Ranks
 from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
-TIMEOUT_S = 15          # engine.timeout_s of the run
+TIMEOUT_S = 30          # engine.timeout_s of the run (start-up of a loaded 2-core machine must fit in it)
 BOUND_S = TIMEOUT_S + 30  # the survivor must be gone by then (start-up of the error path included)
 
 
@@ -55,4 +55,4 @@ def test_dead_or_hung_rank_stops_the_job_in_bounded_time(train_shards, tmp_path,
         elapsed = time.monotonic() - faulted
         print(f"{fault}: rank 0 exited with {code} after {elapsed:.1f}s")
         assert code == 4, err[-3000:]
-        assert "another rank died or stopped responding" in err and "engine.timeout_s=15" in err, err[-3000:]
+        assert "another rank died or stopped responding" in err and f"engine.timeout_s={TIMEOUT_S}" in err, err[-3000:]
