@@ -38,9 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from data_pipeline import make_loader  # noqa: E402
 from data_pipeline.loading.batches import collate, sample_arrays  # noqa: E402
+from data_pipeline.loading.shard_order import seeded_rng  # noqa: E402
 from data_pipeline.loading.shard_reader import shard_samples  # noqa: E402
 from data_pipeline.preprocess.pipeline import PIPELINE_VERSION  # noqa: E402
-from data_pipeline.loading.shard_order import seeded_rng  # noqa: E402
 
 BENCH_MESHES = ["cow.obj", "fandisk.obj", "spot.obj", "suzanne.obj", "multibody.stl", "featuretype.STL"]
 BENCH_CONFIG = "watertight: {resolution: 64, coarse_resolution: 16}\nshard_max_samples: 3\n"

@@ -33,10 +33,10 @@ import trimesh  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from data_pipeline.preprocess.config import PreprocessConfig, WatertightConfig  # noqa: E402
 from data_pipeline.preprocess.mesh_io import MESH_EXTENSIONS, load_mesh, normalise  # noqa: E402
 from data_pipeline.preprocess.pipeline import MeshTask, file_sha256, mesh_id, process_mesh  # noqa: E402
-from data_pipeline.preprocess.config import PreprocessConfig, WatertightConfig  # noqa: E402
-from data_pipeline.preprocess.watertight import extract_surface, make_watertight, signed_grid, MeshQueries  # noqa: E402
+from data_pipeline.preprocess.watertight import MeshQueries, extract_surface, make_watertight, signed_grid  # noqa: E402
 
 
 def timed(fn):

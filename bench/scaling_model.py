@@ -133,8 +133,8 @@ def collectives(strategy: str, params: int, precision: str = "bf16") -> list[tup
     bf16: DDP keeps fp32 parameters under autocast, so its gradient buckets are fp32; DeepSpeed
     holds bf16 parameters and reduces bf16 gradients; FSDP2 gathers bf16 parameters and reduces fp32
     gradients (its MixedPrecisionPolicy). DeepSpeed ZeRO-2 all-reduces gradient buckets (measured: its
-    default use_multi_rank_bucket_allreduce), then all-gathers the updated parameters. ZeRO-3 and FSDP2 (reshard after forward) gather the
-    parameters for forward and again for backward (ZeRO-3 only where zero3_regather says)."""
+    default use_multi_rank_bucket_allreduce), then all-gathers the updated parameters. ZeRO-3 and FSDP2
+    (reshard after forward) gather the parameters for forward and again for backward (ZeRO-3 only where zero3_regather says)."""
     half = 2 if precision == "bf16" else 4
     table = {
         "ddp": [("all_reduce", 4 * params)],

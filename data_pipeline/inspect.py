@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.loading.loader import Plan
+from data_pipeline.loading.shard_order import resolve_source
 from data_pipeline.loading.shard_reader import shard_samples
 from data_pipeline.schema import ARRAY_KEYS, dequantize_coords
-from data_pipeline.loading.shard_order import resolve_source
 
 COORD_KEYS = {k for k, (dtype, _) in ARRAY_KEYS.items() if dtype == "uint16"}
 PREVIEW_POINTS = 4000   # query points drawn per preview panel

@@ -7,6 +7,7 @@ One WebDataset sample per input mesh. Coordinates are stored as uint16 over
 from __future__ import annotations
 
 import zlib
+
 import numpy as np
 import xxhash
 

@@ -29,8 +29,19 @@ import torch
 from torch import nn
 
 from .config import require, validate_fields
-from .layers import (ActivationCheckpointing, BlockStyle, CheckpointedBlocks, DiTBlock, DiTFinalLayer, QKNorm,
-                     TimestepEmbedder, init_linears_xavier, patchify_3d, sincos_pos_embed_3d, unpatchify_3d)
+from .layers import (
+    ActivationCheckpointing,
+    BlockStyle,
+    CheckpointedBlocks,
+    DiTBlock,
+    DiTFinalLayer,
+    QKNorm,
+    TimestepEmbedder,
+    init_linears_xavier,
+    patchify_3d,
+    sincos_pos_embed_3d,
+    unpatchify_3d,
+)
 
 
 @dataclass

@@ -30,9 +30,19 @@ import torch
 from torch import nn
 
 from .config import require, validate_fields
-from .layers import (ActivationCheckpointing, BlockStyle, CheckpointedBlocks, CrossAttentionBlock, DiagonalGaussian,
-                     FourierEmbedder, QKNorm, SelfAttentionBlock, SummedBlocks, init_linears_xavier,
-                     init_posterior_head)
+from .layers import (
+    ActivationCheckpointing,
+    BlockStyle,
+    CheckpointedBlocks,
+    CrossAttentionBlock,
+    DiagonalGaussian,
+    FourierEmbedder,
+    QKNorm,
+    SelfAttentionBlock,
+    SummedBlocks,
+    init_linears_xavier,
+    init_posterior_head,
+)
 
 
 @dataclass

@@ -16,8 +16,16 @@ import torch
 from torch import nn
 
 from .config import require, validate_fields
-from .layers import (ActivationCheckpointing, CheckpointedBlocks, DiagonalGaussian, Downsample3d, ResBlock3d,
-                     Upsample3d, group_norm, init_posterior_head)
+from .layers import (
+    ActivationCheckpointing,
+    CheckpointedBlocks,
+    DiagonalGaussian,
+    Downsample3d,
+    ResBlock3d,
+    Upsample3d,
+    group_norm,
+    init_posterior_head,
+)
 
 
 @dataclass

@@ -10,14 +10,13 @@ import warnings
 
 import pytest
 import torch
+from train_fixtures import FAST, one_torch_thread, train_shards  # noqa: F401  (fixtures)
 
 import models
 import trainer
 from trainer import compile as compile_mod
 from trainer.config import load_train_config
 from trainer.loop import train
-
-from train_fixtures import FAST, one_torch_thread, train_shards  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
 
 from data_pipeline.loading.loader import make_loader
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
 from trainer.inference import guided_euler, load_frozen_vae, load_network
 from trainer.loop import train
-
-from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 

@@ -11,14 +11,13 @@ import pytest
 import torch
 import trimesh
 from safetensors.torch import load_file
+from train_fixtures import FAST, train_shards  # noqa: F401  (fixture)
 
 from trainer import checkpoint as ckpt
 from trainer import commands as cli
 from trainer import inference
 from trainer.config import load_train_config
 from trainer.loop import train
-
-from train_fixtures import FAST, train_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from multiproc import Ranks
 from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 

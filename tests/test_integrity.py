@@ -10,11 +10,12 @@ import tarfile
 import warnings
 from pathlib import Path
 
+from loader_fixtures import loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401
+
 from data_pipeline import make_loader
 from data_pipeline.loading.loader import LoaderWarning
 from data_pipeline.schema import CHECKSUM_KEY
 from trainer import commands as cli
-from loader_fixtures import loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401
 
 SMALL = dict(task="vae", num_surface=64, num_vol=16, num_near=16)
 

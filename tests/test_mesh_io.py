@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import trimesh
-
 from conftest import BROKEN_DIR, MESH_DIR
+
 from data_pipeline.preprocess.mesh_io import MeshError, load_mesh, normalise
 from data_pipeline.schema import NORMALISED_HALF_EXTENT
 

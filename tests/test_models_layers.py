@@ -5,9 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers import (Attention, init_linears_xavier, CheckpointedBlocks, DiagonalGaussian, FourierEmbedder, SelfAttentionBlock,
-                           TimestepEmbedder, patchify_3d, pixel_shuffle_3d, pixel_unshuffle_3d,
-                           sincos_pos_embed_3d, unpatchify_3d)
+from models.layers import (
+    Attention,
+    CheckpointedBlocks,
+    DiagonalGaussian,
+    FourierEmbedder,
+    SelfAttentionBlock,
+    TimestepEmbedder,
+    init_linears_xavier,
+    patchify_3d,
+    pixel_shuffle_3d,
+    pixel_unshuffle_3d,
+    sincos_pos_embed_3d,
+    unpatchify_3d,
+)
 
 
 @pytest.mark.parametrize("factor", [1, 2, 3])

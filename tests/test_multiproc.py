@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-
 from multiproc import RankFailure, run_commands, spawn_ranks
 
 BOUND_S = 20

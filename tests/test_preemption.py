@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from train_fixtures import REPO
 
 sys.path.insert(0, str(REPO / "bench"))

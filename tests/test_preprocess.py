@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import ANALYTIC_SHAPES, analytic_shape
+
 from data_pipeline import schema
-from data_pipeline.preprocess.pipeline import MeshTask, file_sha256, mesh_id, process_mesh
 from data_pipeline.preprocess.config import PreprocessConfig, SamplingConfig, WatertightConfig
+from data_pipeline.preprocess.pipeline import MeshTask, file_sha256, mesh_id, process_mesh
 from data_pipeline.preprocess.sampling import fps_first, fps_order
 
 OFFSET, SCALE = np.array([3.0, -2.0, 0.5]), 7.0     # the file holds  mesh * SCALE + OFFSET

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import trimesh
 import webdataset as wds
-
 from conftest import BROKEN_DIR, MESH_DIR, TINY_CONFIG
-from data_pipeline.preprocess.mesh_io import MESH_EXTENSIONS
+
 from data_pipeline.preprocess.jobs import discover, job_of
+from data_pipeline.preprocess.mesh_io import MESH_EXTENSIONS
 from data_pipeline.preprocess.shard_writer import tar_ids
 from trainer import commands as cli
 

@@ -68,10 +68,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_analytic_silhouettes_match_exact_projections(shape):
     if shape == "sphere":
         mesh = trimesh.creation.icosphere(subdivisions=6, radius=0.9)
-        exact = lambda k, w2c: sphere_silhouette(k, w2c, 0.9)
+        def exact(k, w2c):
+            return sphere_silhouette(k, w2c, 0.9)
     else:
         mesh = trimesh.creation.box(extents=(1.8, 1.0, 1.4))
-        exact = lambda k, w2c: convex_silhouette(k, w2c, mesh.vertices)
+        def exact(k, w2c):
+            return convex_silhouette(k, w2c, mesh.vertices)
     cams = cameras.sample_cameras("00ff00ff00ff00ff00ff00ff", 4, RIG)
     images = render_views(colored_parts([mesh], np.zeros(3), 1.0), cams, SIZE)
     for image, cam in zip(images, cams):

@@ -6,11 +6,11 @@ import collections
 import json
 
 import numpy as np
+from loader_fixtures import loader_shards, stored_samples  # noqa: F401
 
 from data_pipeline import make_loader
 from data_pipeline.preprocess.pipeline import encode_npy
 from data_pipeline.reshard import random_subset
-from loader_fixtures import loader_shards, stored_samples  # noqa: F401
 from trainer import commands as cli
 
 OPTIONS = dict(num_surface=64, num_sharp=16, num_vol=16, num_near=16)

@@ -2,6 +2,8 @@
 each kind of violation in a small tree written here."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from tools.check_structure import check, imports_of
@@ -61,3 +63,11 @@ def test_type_checking_blocks_do_not_count_as_module_level(tmp_path):
     path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nimport b\n")
     got = {(i.target, i.module_level) for i in imports_of(path, "trainer.m")}
     assert ("a", False) in got and ("b", True) in got
+
+
+def test_ruff_lint_is_clean():
+    """The linter (ruff, configured in pyproject.toml: pycodestyle, pyflakes, import order) runs with the
+    tests, so the README's test command and CI fail on a lint error."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

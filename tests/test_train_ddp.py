@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from multiproc import run_commands, spawn_ranks
+from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
 from trainer.engines import create_engine
 from trainer.loop import build_loader, train
 from trainer.tasks import BatchRandom, make_task, to_device
-
-from multiproc import run_commands, spawn_ranks
-from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 180

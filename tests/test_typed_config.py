@@ -7,7 +7,12 @@ from typing import Literal, Optional
 import pytest
 
 from data_pipeline.typed_config import (
-    ConfigError, config_hash, flatten, load_config, parse_override, save_config,
+    ConfigError,
+    config_hash,
+    flatten,
+    load_config,
+    parse_override,
+    save_config,
 )
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import trimesh
-
 from conftest import ANALYTIC_SHAPES, analytic_shape
+
 from data_pipeline.preprocess.config import WatertightConfig
 from data_pipeline.preprocess.watertight import AmbiguousWindingError, WatertightError, make_watertight, signed_grid
 

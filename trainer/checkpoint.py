@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from data_pipeline.typed_config import save_config
-
 from trainer.ema import EMA
 from trainer.engines import Engine, read_full_state
 from trainer.engines.resolve import resolved_header

@@ -18,7 +18,6 @@ from torch import nn
 
 import models
 from data_pipeline.loading.batches import VaeOptions
-
 from trainer import checkpoint as ckpt
 from trainer import inference, meshing
 from trainer import objectives as obj

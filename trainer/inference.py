@@ -23,12 +23,10 @@ from torch import Tensor, nn
 
 import models
 from data_pipeline.typed_config import ConfigError, from_dict, load_config
-
 from trainer import checkpoint as ckpt
 from trainer import meshing
 from trainer import objectives as obj
 from trainer.config import ConditionConfig, TrainConfig
-
 
 # ---------------------------------------------------------------------------
 # loading
@@ -155,7 +153,7 @@ def make_image_encoder(cfg: TrainConfig, device: torch.device):
     cond = cfg.condition
     if cond.kind != "image":
         return None
-    from trainer.image_encoder import ImageEncoder     # transformers is only imported when used
+    from trainer.image_encoder import ImageEncoder  # transformers is only imported when used
     encoder = ImageEncoder(cond.image_encoder, cond.image_size, tuple(cond.background)).to(device)
     if cond.cache:
         encoder.cache = {}

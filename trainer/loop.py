@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from data_pipeline.loading import loader as data_loader
 from data_pipeline.typed_config import save_config
-
 from trainer import checkpoint as ckpt
 from trainer.config import OptimConfig, TrainConfig
 from trainer.engines import Engine, create_engine, resolve_run_config

@@ -27,11 +27,19 @@ from torch import Tensor, nn
 
 import models
 from data_pipeline.typed_config import ConfigError
-
 from trainer import objectives as obj
 from trainer.config import TrainConfig
-from trainer.inference import (as_sdf, batch_condition, encode, latent_scale_factor, load_run_vae,
-                               make_image_encoder, network_spec, read_network, vae_point_counts)
+from trainer.inference import (
+    as_sdf,
+    batch_condition,
+    encode,
+    latent_scale_factor,
+    load_run_vae,
+    make_image_encoder,
+    network_spec,
+    read_network,
+    vae_point_counts,
+)
 
 
 class BatchRandom:

@@ -16,7 +16,12 @@ import numpy as np
 import torch
 
 from data_pipeline.schema import (
-    READABLE_SCHEMA_VERSIONS, VIEW_KEYS, dequantize_coords, dequantize_normals, unpack_occupancy, view_key,
+    READABLE_SCHEMA_VERSIONS,
+    VIEW_KEYS,
+    dequantize_coords,
+    dequantize_normals,
+    unpack_occupancy,
+    view_key,
 )
 from data_pipeline.typed_config import ConfigError, from_dict
 

@@ -49,15 +49,32 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.loading.batches import (
-    BadSample, collate, draw_token_count, optional_keys, parse_task_options, required_keys, sample_arrays,
+    BadSample,
+    collate,
+    draw_token_count,
+    optional_keys,
+    parse_task_options,
+    required_keys,
+    sample_arrays,
 )
 from data_pipeline.loading.resize import OPEN_SHARDS, Skip, done_set, history_from_gathered, replayed
-from data_pipeline.loading.shard_reader import ReadCounter, count_samples, shard_samples
 from data_pipeline.loading.shard_order import (
-    TAG_BATCH, TAG_SAMPLE, TAG_SHUFFLE, Shard, buffered_shuffle, eval_batches_per_stream, eval_segments,
-    fingerprint, interleave, is_local, parts_per_shard, resolve_source, seeded_rng, training_units,
+    TAG_BATCH,
+    TAG_SAMPLE,
+    TAG_SHUFFLE,
+    Shard,
+    buffered_shuffle,
+    eval_batches_per_stream,
+    eval_segments,
+    fingerprint,
+    interleave,
+    is_local,
+    parts_per_shard,
+    resolve_source,
+    seeded_rng,
+    training_units,
 )
-
+from data_pipeline.loading.shard_reader import ReadCounter, count_samples, shard_samples
 
 MODES = ("train", "eval")
 CURSOR_FORMAT = 1

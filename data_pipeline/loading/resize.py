@@ -20,7 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from data_pipeline.loading.shard_order import (
-    TAG_SHUFFLE, buffered_shuffle, interleave, seeded_rng, training_units,
+    TAG_SHUFFLE,
+    buffered_shuffle,
+    interleave,
+    seeded_rng,
+    training_units,
 )
 
 OPEN_SHARDS = 4   # shards a training stream reads in turns (the loader imports it from here)

@@ -14,10 +14,9 @@ member; a shard whose samples record no checksums (written before preprocess-5) 
 """
 from __future__ import annotations
 
+import json
 import tarfile
 from typing import Iterator, Protocol
-
-import json
 
 from webdataset.cache import FileCache, StreamingOpen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander

@@ -20,8 +20,13 @@ import trimesh
 
 from data_pipeline.preprocess.config import DeviationGate, PreprocessConfig
 from data_pipeline.preprocess.sdf import SdfLabeller
-from data_pipeline.preprocess.watertight import (MeshQueries, WatertightError, WatertightResult, make_watertight,
-                                                 signed_volume)
+from data_pipeline.preprocess.watertight import (
+    MeshQueries,
+    WatertightError,
+    WatertightResult,
+    make_watertight,
+    signed_volume,
+)
 
 METHODS = ("winding", "shell")   # winding-number solid first; the eps-shell where that is not faithful
 

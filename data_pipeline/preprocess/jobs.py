@@ -16,12 +16,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.preprocess.mesh_io import COMPANION_EXTENSIONS, MESH_EXTENSIONS
 from data_pipeline.preprocess.pipeline import MeshTask, file_sha256, mesh_id
-from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.preprocess.shard_writer import JobOutput
-from data_pipeline.typed_config import config_hash, to_dict
 from data_pipeline.preprocess.worker_pool import Outcome, run_pool
+from data_pipeline.typed_config import config_hash, to_dict
 
 # Usage and config errors (ConfigError, ValueError, FileNotFoundError) become exit code 2 in trainer.commands.
 EXIT_OK, EXIT_SOME_FAILED = 0, 3

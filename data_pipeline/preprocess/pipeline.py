@@ -16,11 +16,17 @@ import numpy as np
 from data_pipeline import schema
 from data_pipeline.cameras import sample_cameras
 from data_pipeline.preprocess.appearance import colored_parts
-from data_pipeline.preprocess.mesh_io import merge_parts, normalise, read_parts
 from data_pipeline.preprocess.config import PreprocessConfig
-from data_pipeline.preprocess.sampling import (fps_first, fps_order, near_queries, sample_sharp, sample_surface,
-                                    volume_queries)
 from data_pipeline.preprocess.fidelity import faithful_watertight
+from data_pipeline.preprocess.mesh_io import merge_parts, normalise, read_parts
+from data_pipeline.preprocess.sampling import (
+    fps_first,
+    fps_order,
+    near_queries,
+    sample_sharp,
+    sample_surface,
+    volume_queries,
+)
 from data_pipeline.preprocess.watertight import signed_volume
 
 PIPELINE_VERSION = "preprocess-5"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
@@ -116,7 +122,7 @@ def condition_views(mesh_id: str, parts, normalised, cfg: PreprocessConfig) -> d
     The input's own parts (with their colours) are drawn in the sample's normalised space."""
     if not cfg.views:
         return {"images": {}, "cameras": []}
-    from data_pipeline.preprocess.render import encode_png, render_views   # needs OpenGL: only when used
+    from data_pipeline.preprocess.render import encode_png, render_views  # needs OpenGL: only when used
     cameras = sample_cameras(mesh_id, cfg.views, cfg.render, cfg.seed)
     images = render_views(colored_parts(parts, normalised.center, normalised.scale), cameras, cfg.render.resolution)
     return {"images": {schema.view_key(i): encode_png(image) for i, image in enumerate(images)},

@@ -14,9 +14,9 @@ from multiprocessing.connection import wait
 from typing import Callable, Iterable
 
 from data_pipeline.preprocess import render
+from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.preprocess.mesh_io import MeshError
 from data_pipeline.preprocess.pipeline import MeshTask, process_mesh
-from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.preprocess.watertight import WatertightError
 
 

@@ -62,7 +62,6 @@ def _evaluate_batch(net, batch, cfg, args) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     import models
-
     from trainer.inference import load_network
 
     net, cfg, _ = load_network(Path(args.checkpoint), use_ema=not args.no_ema)

@@ -51,7 +51,6 @@ def write_file(out: Path, state: dict[str, torch.Tensor], cfg, meta: dict, weigh
 def export(checkpoint: Path, out: Path, use_ema: bool) -> dict[str, torch.Tensor]:
     """Write the consolidated network of ``checkpoint`` to ``out``; returns the tensors written."""
     from data_pipeline.typed_config import load_config
-
     from trainer.checkpoint import network_state, read_meta, resolve_checkpoint
     from trainer.config import TrainConfig
     from trainer.engines import checkpoint_has_ema
@@ -71,7 +70,6 @@ def export(checkpoint: Path, out: Path, use_ema: bool) -> dict[str, torch.Tensor
 def export_anchor(checkpoint: Path, fmt: str, out: Path, use_ema: bool, dtype: torch.dtype) -> list[Path]:
     """Write the network of ``checkpoint`` (any form) in the ``fmt`` release layout under ``out``."""
     import models
-
     from trainer import interop
     from trainer.inference import network_spec, read_network
 

@@ -12,9 +12,16 @@ from typing import Any
 
 import torch
 
-from trainer.config import EngineConfig, OptimConfig, SUPPORTED_STRATEGIES, require_strategy_package
-from trainer.engines.base import (DistributedSetupError, Engine, OptimizerFactory, SchedulerFactory,
-                                  describe_peer_failure, detect_launch, shutdown_process_group)
+from trainer.config import SUPPORTED_STRATEGIES, EngineConfig, OptimConfig, require_strategy_package
+from trainer.engines.base import (
+    DistributedSetupError,
+    Engine,
+    OptimizerFactory,
+    SchedulerFactory,
+    describe_peer_failure,
+    detect_launch,
+    shutdown_process_group,
+)
 from trainer.engines.resolve import resolve_engine, resolve_run_config
 
 __all__ = ["DistributedSetupError", "Engine", "OptimizerFactory", "SchedulerFactory", "checkpoint_has_ema",
