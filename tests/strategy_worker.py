@@ -75,10 +75,15 @@ def local_batches(global_batches: list[dict], engine, accum: int) -> list[list[d
     return out
 
 
+def loop_state(cfg, engine, task, model, step: int) -> types.SimpleNamespace:
+    """What Trainer.optimizer_step reads from the trainer (no stop signal arrives here)."""
+    return types.SimpleNamespace(cfg=cfg, engine=engine, task=task, model=model, step=step,
+                                 stop=StopRequest(), stop_agreed=False)
+
+
 def run_steps(cfg, engine, task, model, ema, batches: list[list[dict]], first_step: int) -> list[float]:
     """The loop's optimizer_step on each step's micro-batches; returns each step's loss averaged over ranks."""
-    state = types.SimpleNamespace(cfg=cfg, engine=engine, task=task, model=model, step=first_step,
-                                  stop=StopRequest(), stop_agreed=False)
+    state = loop_state(cfg, engine, task, model, first_step)
     losses = []
     for micro_batches in batches:
         metrics, applied = Trainer.optimizer_step(state, iter(micro_batches))
@@ -119,10 +124,9 @@ def gradient_task(name: str, overrides: list[str], out: Path, lr: float) -> dict
         loader = iter(build_loader(cfg, task, engine))
         micro = [next(loader) for _ in range(cfg.optim.grad_accum)]
         before = engine.full_state_dict()
-        state = types.SimpleNamespace(cfg=cfg, engine=engine, task=task, model=model, step=0)
-        _, applied = Trainer.optimizer_step(state, iter(micro))
+        _, applied = Trainer.optimizer_step(loop_state(cfg, engine, task, model, 0), iter(micro))
         assert applied, "the SGD step was skipped"
-        ema.update()
+        ema.update(1)   # as the loop does after its first step
         after, after_ema = engine.full_state_dict(), engine.full_state_dict(ema)
         per_rank = engine.gather_objects(micro)   # [rank][micro-step] -> batch
         ids = [[list(b["id"]) for b in rank_batches] for rank_batches in per_rank]
@@ -132,7 +136,7 @@ def gradient_task(name: str, overrides: list[str], out: Path, lr: float) -> dict
             want = reference_gradients(cfg, task, initial, global_micro)
             got = {k: (before[k] - after[k]) / lr for k in want}
             torch.save({"got": got, "want": want, "before": before, "after": after, "ema": after_ema,
-                        "decay": cfg.ema.decay}, out / f"{name}_gradients.pt")
+                        "decay": ema.decay_at(1)}, out / f"{name}_gradients.pt")
         return {"ids": ids}
     finally:
         engine.close()
