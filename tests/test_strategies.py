@@ -45,8 +45,8 @@ STRATEGIES = {
 }
 GLOBAL_BATCH = 4
 MEMORY_DIT = "{width: 768, depth: 4, heads: 12}"   # tens of millions of parameters: AdamW state + EMA dominate
-# Peak RSS per rank / DDP's, measured 2026-12-02 (2 ranks, 44.5 M parameters): FSDP2 0.65; ZeRO-3 with the
-# bundled zero3.json 1.27 -- MORE than DDP on CPU at this size: its fixed buffers (reduce bucket,
+# Peak RSS per rank / DDP's, measured 2026-12-02 (2 ranks, 44.5 M parameters): FSDP2 0.65-0.69; ZeRO-3 with the
+# bundled zero3.json 1.27-1.34 -- MORE than DDP on CPU at this size: its fixed buffers (reduce bucket,
 # prefetch, flat partitions) outweigh the halved state. The bars guard these measurements against
 # regressions; they do not claim that ZeRO-3 saves memory here (docs/benchmarks.md, Strategy tests).
 MEMORY_RATIO_MAX = {"fsdp2": 0.75, "zero3": 1.4}
