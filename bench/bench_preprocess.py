@@ -7,7 +7,9 @@ Dense baseline = the same signed field with the unsigned distance (igl AABB) and
 computed at EVERY grid point, then the same marching cubes. Running it in full takes many minutes
 per mesh at 256^3, so by default its per-point cost is measured on a random subset of grid points
 and scaled to the (R+1)^3 grid (the cost per point is what it is for any random subset); add
-``--dense-full-at 64`` to also run it in full at a small resolution and check that scaling.
+``--dense-full-at 128`` to also run both sides in full at that resolution (marching cubes on both): a
+measured ratio there, and the estimate's error against the full run (``est_error_small`` = estimate /
+full) to calibrate the estimated ratios.
 
     python bench/bench_preprocess.py                       # all bundled meshes, 256 and 512
     python bench/bench_preprocess.py --meshes stanford-bunny.obj spot.obj --resolutions 256
@@ -59,10 +61,22 @@ def dense_estimate(mesh: trimesh.Trimesh, resolution: int, sample: int, mc_secon
     return seconds / sample * (resolution + 1) ** 3 + mc_seconds
 
 
-def dense_full(mesh: trimesh.Trimesh, resolution: int) -> float:
+def dense_full(mesh: trimesh.Trimesh, resolution: int) -> tuple[float, float]:
+    """(seconds of the whole dense baseline, of which marching cubes) at ``resolution``."""
     cfg = WatertightConfig(resolution=resolution, coarse_resolution=min(32, resolution))
-    _, seconds = timed(lambda: extract_surface(signed_grid(mesh, cfg, dense=True)))
-    return seconds
+    grid, field_seconds = timed(lambda: signed_grid(mesh, cfg, dense=True))
+    _, mc_seconds = timed(lambda: extract_surface(grid))
+    return field_seconds + mc_seconds, mc_seconds
+
+
+def small_rows(mesh: trimesh.Trimesh, resolution: int, sample: int) -> dict:
+    """Both sides measured in full at ``resolution`` (marching cubes on both), and the estimate's error there."""
+    full, mc = dense_full(mesh, resolution)
+    _, ours = timed(lambda: make_watertight(mesh, WatertightConfig(resolution=resolution,
+                                                                   coarse_resolution=min(32, resolution))))
+    estimate = dense_estimate(mesh, resolution, sample, mc)
+    return {"dense_full_small": full, "dense_est_small": estimate, "est_error_small": estimate / full,
+            "wt_small": ours, "ratio_small": full / ours}
 
 
 def bench_mesh(path: Path, args) -> dict:
@@ -82,8 +96,7 @@ def run_rows(name: str, mesh: trimesh.Trimesh, args, path: Path | None) -> dict:
     row["dense_est"] = dense_estimate(mesh, base, args.dense_sample, row[f"mc{base}"])
     row["ratio"] = row["dense_est"] / row[f"wt{base}"]
     if args.dense_full_at:
-        row["dense_full_small"] = dense_full(mesh, args.dense_full_at)
-        row["dense_est_small"] = dense_estimate(mesh, args.dense_full_at, args.dense_sample, 0.0)
+        row.update(small_rows(mesh, args.dense_full_at, args.dense_sample))
     if args.full and path is not None:
         task = MeshTask(str(path), path.name, mesh_id(path.name, file_sha256(path)))
         sample, row["full"] = timed(lambda: process_mesh(task, PreprocessConfig()))
@@ -108,7 +121,8 @@ def main() -> int:
           f"cpus={os.cpu_count()}  IGL_NUM_THREADS={os.environ['IGL_NUM_THREADS']}  "
           f"load={os.getloadavg()[0]:.1f}")
     columns = ["mesh", "faces"] + [f"wt{r}" for r in args.resolutions] + ["dense_est", "ratio"]
-    columns += ["dense_full_small", "dense_est_small"] if args.dense_full_at else []
+    columns += ["dense_full_small", "dense_est_small", "est_error_small", "wt_small", "ratio_small"] \
+        if args.dense_full_at else []
     columns += ["full", "quality_share", "method"] if args.full else []
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

@@ -23,7 +23,7 @@ AUTO_VALUES = {
     "gradient_clipping": 1.0,
 }
 
-launch = pytest.importorskip("accelerate.commands.launch")
+import accelerate.commands.launch as launch  # noqa: E402  (a hard dependency: missing it fails the run)
 from accelerate.commands.config.config_args import load_config_from_file  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin, DistributedType, patch_environment  # noqa: E402
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env  # noqa: E402
@@ -108,7 +108,7 @@ def test_deepspeed_json_is_valid(config):
     assert "auto" not in json.dumps(filled), f"{config.name}: unfilled auto values {filled}"
     assert filled["bf16"]["enabled"] is True
 
-    deepspeed_config = pytest.importorskip("deepspeed.runtime.config")
+    import deepspeed.runtime.config as deepspeed_config
     parsed = deepspeed_config.DeepSpeedConfig(filled)  # pydantic: unknown zero keys raise
     assert parsed.zero_optimization_stage == stage
     assert parsed.gradient_clipping == AUTO_VALUES["gradient_clipping"]

@@ -1,9 +1,10 @@
 """DDP, ZeRO-1/2/3 and FSDP2 on 2 CPU processes (gloo) against one process on the same global batches.
 
-One torchrun per strategy trains the VAE and then the DiT debug presets for a few steps through the
-loop's optimiser step (tests/strategy_worker.py); the test compares per-step losses and the final
-gathered weights with a single DDP process, per-rank parameter + optimiser bytes with DDP's, and a
-ZeRO-3 / FSDP2 checkpoint written by 2 ranks resumed by 1 rank and exported to safetensors.
+One torchrun per strategy (tests/strategy_worker.py) takes one SGD step per task (VAE, DiT) and
+accumulation setting on batches from each rank's own make_loader and compares the applied update with
+the one-process autograd gradient of the same global batch; it also trains a few AdamW steps whose
+ZeRO-2/3 / FSDP2 checkpoint is resumed by 1 rank and exported. Peak RSS per rank (kernel VmHWM) of
+DDP, ZeRO-3 (bundled zero3.json) and FSDP2 runs in launches of its own.
 """
 from __future__ import annotations
 
@@ -42,6 +43,17 @@ STRATEGIES = {
     "ddp_compiled": ["engine.strategy=ddp", "engine.compile=true", "engine.compile_backend=aot_eager"],
     "fsdp2_compiled": ["engine.strategy=fsdp2", "engine.compile=true", "engine.compile_backend=aot_eager"],
 }
+GLOBAL_BATCH = 4
+MEMORY_DIT = "{width: 768, depth: 4, heads: 12}"   # tens of millions of parameters: AdamW state + EMA dominate
+# Peak RSS per rank / DDP's, measured 2026-12-02 (2 ranks, 44.5 M parameters): FSDP2 0.65-0.69; ZeRO-3 with the
+# bundled zero3.json 1.27-1.34 -- MORE than DDP on CPU at this size: its fixed buffers (reduce bucket,
+# prefetch, flat partitions) outweigh the halved state. The bars guard these measurements against
+# regressions; they do not claim that ZeRO-3 saves memory here (docs/benchmarks.md, Strategy tests).
+MEMORY_RATIO_MAX = {"fsdp2": 0.75, "zero3": 1.4}
+ACCUMULATION = (1, 2)
+# SGD's update is -lr x grad; a large lr keeps the rounding of w - lr g (~1e-7 |w|) far below 1e-4 |lr g|
+SGD_LR = 1e3
+GRAD_REL = 1e-4
 COMMON = ["optim.warmup_steps=1", "optim.lr=1e-3", "ema.decay=0.5", "run.progress=false"]
 
 
@@ -54,6 +66,18 @@ def task_overrides(shards: Path, run_dir: Path, vae_ckpt: Path) -> dict[str, lis
                 f"vae.checkpoint={vae_ckpt}", "vae.scale_factor=1.5", "vae.latents=sample",
                 "data.options={num_surface: 256}", "condition.p_uncond=0.5", *COMMON],
     }
+
+
+def deepspeed_json(path: Path, stage: int, partition_all: bool = False, any_optimizer: bool = False) -> Path:
+    """The bundled configs/deepspeed/zero<stage>.json, with every parameter partitioned (ZeRO-3) and/or
+    the optimiser check off (ZeRO refuses optimisers it has not been tested with, such as plain SGD)."""
+    cfg = json.loads((REPO / f"configs/deepspeed/zero{stage}.json").read_text())
+    if partition_all:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if any_optimizer:
+        cfg["zero_allow_untested_optimizer"] = True
+    path.write_text(json.dumps(cfg))
+    return path
 
 
 def global_batches(overrides: list[str], path: Path) -> Path:
@@ -90,10 +114,7 @@ class Runs:
                                                      "run.max_steps=1", "run.eval_every=0"]))
         self.overrides = task_overrides(shards, root, vae_dir / "checkpoints" / "step_00000001")
         self.batches = {name: global_batches(o, root / f"{name}_batches.pt") for name, o in self.overrides.items()}
-        zero3 = json.loads((REPO / "configs/deepspeed/zero3.json").read_text())
-        zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        self.zero3_all = root / "zero3_partition_all.json"
-        self.zero3_all.write_text(json.dumps(zero3))
+        self.zero3_all = deepspeed_json(root / "zero3_partition_all.json", 3, partition_all=True)
 
     def jobs(self, strategy: str, batch_size: int, accum: int = 1, tasks=("vae", "dit"), **extra) -> list[dict]:
         return [{"name": name, "batches": str(self.batches[name]),
@@ -102,18 +123,50 @@ class Runs:
                                f"data.batch_size={batch_size}", f"optim.grad_accum={accum}"], **extra}
                 for name in tasks]
 
-    def get(self, strategy: str, world: int = 2, accum: int = 1) -> tuple[dict, Path]:
-        """Results of ``strategy`` on ``world`` ranks (global batch 4 = world x batch x accum)."""
-        key = f"{strategy}_w{world}" + (f"_accum{accum}" if accum > 1 else "")
-        out = self.root / key
+    def gradient_jobs(self, strategy: str) -> list[dict]:
+        """One SGD step per task and accumulation, each rank's batches from its own loader."""
+        extra = [x.format(zero3_all=self.sgd_json(3)) for x in STRATEGIES[strategy]]
+        if strategy in ("zero1", "zero2"):
+            extra.append(f"engine.deepspeed_config={self.sgd_json(int(strategy[-1]))}")
+        return [{"name": f"{task}_accum{accum}", "mode": "gradient", "lr": SGD_LR,
+                 "overrides": [*self.overrides[task], *extra, f"data.batch_size={GLOBAL_BATCH // 2 // accum}",
+                               f"optim.grad_accum={accum}", "optim.clip_grad_norm=0"]}
+                for task in ("vae", "dit") for accum in ACCUMULATION]
+
+    def memory(self, strategy: str) -> dict:
+        """DDP, ZeRO-3 with the bundled zero3.json or FSDP2 on 2 ranks, in a launch of its own (nothing
+        else allocated): a DiT wide enough that its parameters and AdamW state dominate a rank's memory."""
+        key = f"{strategy}_memory"
         if key not in self.results:
-            out.mkdir(exist_ok=True)
-            tasks = ("vae", "dit") if accum == 1 else ("vae",)
-            spec = {"mode": "train", "out": str(out), "jobs": self.jobs(strategy, 4 // world // accum, accum, tasks)}
+            out = self.root / key
+            out.mkdir()
+            self.results[key] = launch(2, {"mode": "memory", "out": str(out), "jobs": self.memory_jobs(strategy)},
+                                       out / "spec.json")["memory"]
+        return self.results[key]
+
+    def memory_jobs(self, strategy: str) -> list[dict]:
+        engine = [x for x in STRATEGIES[strategy] if not x.startswith("engine.deepspeed_config")]
+        if strategy == "zero3":
+            engine.append(f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero3.json'}")
+        return [{"name": "memory", "mode": "memory", "batches": str(self.batches["dit"]),
+                 "overrides": [*self.overrides["dit"], *engine, f"data.batch_size={GLOBAL_BATCH // 2}",
+                               f"model.overrides={MEMORY_DIT}"]}]
+
+    def sgd_json(self, stage: int) -> Path:
+        return deepspeed_json(self.root / f"zero{stage}_sgd.json", stage, partition_all=stage == 3, any_optimizer=True)
+
+    def get(self, strategy: str) -> tuple[dict, Path]:
+        """Results of ``strategy`` on 2 ranks: the AdamW runs (checkpoints) and the SGD gradient jobs,
+        in one launch (each launch pays for the imports)."""
+        out = self.root / strategy
+        if strategy not in self.results:
+            out.mkdir()
+            compiled = strategy.endswith("_compiled")   # gradients only (the AdamW runs feed the checkpoint tests)
+            jobs = ([] if compiled else self.jobs(strategy, GLOBAL_BATCH // 2)) + self.gradient_jobs(strategy)
             # compiled runs trace every block first (dynamo + AOTAutograd: tens of seconds)
-            timeout = 2 * TIMEOUT_S if strategy.endswith("_compiled") else TIMEOUT_S
-            self.results[key] = launch(world, spec, out / "spec.json", timeout)
-        return self.results[key], out
+            self.results[strategy] = launch(2, {"mode": "train", "out": str(out), "jobs": jobs}, out / "spec.json",
+                                            2 * TIMEOUT_S if compiled else TIMEOUT_S)
+        return self.results[strategy], out
 
 
 @pytest.fixture(scope="module")
@@ -127,38 +180,41 @@ def assert_weights_close(got: dict, want: dict, **tol) -> None:
         torch.testing.assert_close(got[name].float(), w.float(), msg=name, **tol)
 
 
-def assert_models_close(got: dict, want: dict, rel: float) -> None:
-    """Whole-model relative distance: Adam turns noise-level gradient differences of parameters whose
-    gradient is ~0 (e.g. qk-norm biases) into lr-sized steps, so per-element tolerances do not apply."""
-    assert got.keys() == want.keys() and got
-    diff = sum(float((got[k].float() - w.float()).pow(2).sum()) for k, w in want.items()) ** 0.5
-    norm = sum(float(w.float().pow(2).sum()) for w in want.values()) ** 0.5
-    assert diff <= rel * norm, f"|got - want| = {diff:.3g} > {rel} * |want| = {rel * norm:.3g}"
+def assert_gradients_match(got: dict, want: dict, rel: float, what: str) -> float:
+    """Every parameter's gradient within ``rel`` of the reference (relative L2 norm of the difference),
+    tensors whose reference gradient is ~0 measured against the whole model's gradient norm."""
+    assert got.keys() == want.keys() and want, what
+    total = sum(float(w.double().pow(2).sum()) for w in want.values()) ** 0.5
+    worst = 0.0
+    for name, w in want.items():
+        err = float((got[name].double() - w.double()).norm()) / max(float(w.double().norm()), 1e-3 * total)
+        worst = max(worst, err)
+        assert err <= rel, f"{what}: {name}: |got - want| / |want| = {err:.3g} > {rel} " \
+                           f"(|got| = {float(got[name].norm()):.4g}, |want| = {float(w.norm()):.4g})"
+    return worst
 
 
 @pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.timeout(1200)) if s.endswith("_compiled") else s
                                       for s in sorted(STRATEGIES)])
-def test_two_processes_match_one_process(runs, strategy):
-    one, one_dir = runs.get("ddp", world=1)
-    two, two_dir = runs.get(strategy, world=2)
-    for task in ("vae", "dit"):
-        assert len(two[task]["losses"]) == STEPS
-        assert two[task]["losses"] == pytest.approx(one[task]["losses"], rel=2e-4), task
-        want = torch.load(one_dir / f"{task}_weights.pt", weights_only=True)
-        got = torch.load(two_dir / f"{task}_weights.pt", weights_only=True)
-        assert_models_close(got["model"], want["model"], rel=1e-3)
-        assert_models_close(got["ema"], want["ema"], rel=1e-3)
-
-
-@pytest.mark.parametrize("strategy", ["zero2", "fsdp2"])
-def test_gradient_accumulation_matches_one_process(runs, strategy):
-    """2 micro-steps per optimiser step (DeepSpeed's accumulation boundary, FSDP2's deferred gradient sync)."""
-    one, one_dir = runs.get("ddp", world=1, accum=2)
-    two, two_dir = runs.get(strategy, world=2, accum=2)
-    assert two["vae"]["losses"] == pytest.approx(one["vae"]["losses"], rel=2e-4)
-    want = torch.load(one_dir / "vae_weights.pt", weights_only=True)
-    got = torch.load(two_dir / "vae_weights.pt", weights_only=True)
-    assert_models_close(got["model"], want["model"], rel=1e-3)
+def test_gradients_match_one_process_after_one_micro_batch_and_after_accumulation(runs, strategy):
+    """The update plain SGD applies under ``strategy`` on 2 ranks (each rank's batches from its own
+    make_loader on the shards) is lr x the gradient one process computes on the same global batch:
+    catches a wrong world-size factor, a sum instead of a mean, an accumulation not divided or not
+    reduced, a partition written to the wrong place. The EMA follows the trained weights."""
+    results, out = runs.get(strategy)
+    ddp, _ = runs.get("ddp")
+    for job in (f"{task}_accum{accum}" for task in ("vae", "dit") for accum in ACCUMULATION):
+        result = results[job]
+        rank0, rank1 = ({i for batch in rank for i in batch} for rank in result["ids"])
+        assert rank0 and not rank0 & rank1, f"{job}: the ranks read the same samples"
+        assert result["ids"] == ddp[job]["ids"], f"{job}: the loader handed out other samples than under DDP"
+        saved = torch.load(out / f"{job}_gradients.pt", weights_only=True)
+        worst = assert_gradients_match(saved["got"], saved["want"], GRAD_REL, f"{strategy} {job}")
+        print(f"{strategy} {job}: worst per-tensor relative gradient error {worst:.2e}")
+        decay = saved["decay"]
+        for name in saved["want"]:
+            blend = decay * saved["before"][name] + (1 - decay) * saved["after"][name]
+            torch.testing.assert_close(saved["ema"][name], blend, rtol=1e-5, atol=1e-6, msg=f"{job} EMA {name}")
 
 
 LAUNCH_CONFIGS = {"zero2": ("deepspeed", "configs/accelerate/zero2.yaml"),
@@ -221,20 +277,16 @@ def test_accelerate_launch_config_is_saved_as_run_and_reruns_under_torchrun(trai
     assert resumed["tags"]["shapeflow.launcher"] == "torchrun"
 
 
-def param_and_optimizer_bytes(result: dict) -> list[int]:
-    return [m["param_bytes"] + m["optimizer_bytes"] for m in result["memory"]]
-
-
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
-def test_sharded_strategies_hold_about_half_of_ddp_per_rank(runs, strategy):
-    ddp, _ = runs.get("ddp")
-    sharded, _ = runs.get(strategy)
-    for task in ("vae", "dit"):
-        base = param_and_optimizer_bytes(ddp[task])
-        ours = param_and_optimizer_bytes(sharded[task])
-        ratios = [o / b for o, b in zip(ours, base)]
-        print(f"{strategy} {task}: per-rank param+optimizer bytes {ours} vs DDP {base} (ratios {ratios})")
-        assert all(0.4 < r < 0.6 for r in ratios), (task, ours, base)
+def test_peak_memory_per_rank_against_ddp(runs, strategy):
+    """Peak resident memory per rank during an AdamW step, measured by the kernel (VmHWM), for a DiT
+    whose parameters, gradients, AdamW state and EMA dominate; ZeRO-3 runs the bundled zero3.json."""
+    ddp, sharded = runs.memory("ddp"), runs.memory(strategy)
+    assert ddp["params"] == sharded["params"] > 20e6
+    ratios = [s / d for s, d in zip(sharded["peak_mib"], ddp["peak_mib"])]
+    print(f"{strategy}: peak MiB per rank {sharded['peak_mib']} vs DDP {ddp['peak_mib']} (ratios {ratios}); "
+          f"engine's own count {sharded['engine_report']} vs DDP {ddp['engine_report']}")
+    assert all(r < MEMORY_RATIO_MAX[strategy] for r in ratios), (ratios, sharded, ddp)
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp2"])

@@ -7,7 +7,6 @@ the noise away and the weak KL never pulled the std back. See models.layers.init
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -17,11 +16,9 @@ import models
 from data_pipeline.loading.loader import make_loader
 from models.layers import POSTERIOR_INIT_LOGVAR, DiagonalGaussian
 from trainer import objectives as obj
-from trainer.config import load_train_config
-from trainer.loop import train
 from trainer.inference import as_sdf, load_network
 
-from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
+from train_fixtures import quality_vae, train_shards  # noqa: F401  (fixtures)
 
 
 # ---------------------------------------------------------------------------
@@ -63,16 +60,6 @@ def test_a_new_vecset_vae_starts_with_a_narrow_posterior():
 # the debug preset learns real shapes (mode decoding)
 # ---------------------------------------------------------------------------
 
-QUALITY = [
-    "data.batch_size=4",
-    "data.options={num_surface: 256, num_vol: 512, num_near: 256}",
-    "run.max_steps=300", "run.log_every=25", "run.ckpt_every=300", "run.eval_every=0",
-    "ema.decay=0.9",
-    "eval.grid_resolution=16", "eval.num_samples=1",
-    "run.progress=false",
-]
-
-
 @torch.no_grad()
 def volume_ious(net, shards, kind: str, num_surface: int) -> dict[str, np.ndarray]:
     """Per training shape: IoU of the inside sets on all stored uniform volume points, decoding the
@@ -90,13 +77,9 @@ def volume_ious(net, shards, kind: str, num_surface: int) -> dict[str, np.ndarra
 
 
 @pytest.mark.slow
-def test_vecset_vae_debug_preset_reconstructs_training_shapes_from_the_posterior_mode(train_shards, tmp_path,
-                                                                                     one_torch_thread):  # noqa: F811
-    run_dir = tmp_path / "vae"
-    tic = time.perf_counter()
-    summary = train(load_train_config("vecset_vae_debug", [f"data.path={train_shards}", f"run.dir={run_dir}",
-                                                          *QUALITY]))
-    seconds = time.perf_counter() - tic
+def test_vecset_vae_debug_preset_reconstructs_training_shapes_from_the_posterior_mode(train_shards,  # noqa: F811
+                                                                                     quality_vae):  # noqa: F811
+    run_dir, summary, seconds = quality_vae["run_dir"], quality_vae["summary"], quality_vae["seconds"]
     losses = [summary["losses"][s] for s in sorted(summary["losses"])]
     first, last = np.mean(losses[:10]), np.mean(losses[-20:])
     assert last < first / 5, f"loss went from {first:.3f} to {last:.3f} only"

@@ -78,3 +78,38 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The VecSet debug preset trained until it reconstructs the training shapes (tests/test_vae_quality.py
+# holds it to IoU > 0.9 on one shape); shared so that evaluation tests check a model that learned.
+QUALITY = [
+    "data.batch_size=4",
+    "data.options={num_surface: 256, num_vol: 512, num_near: 256}",
+    "run.max_steps=300", "run.log_every=25", "run.ckpt_every=300", "run.eval_every=0",
+    "ema.decay=0.9",
+    "eval.grid_resolution=16", "eval.num_samples=1",
+    "run.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def quality_vae(train_shards, tmp_path_factory) -> dict:
+    """{"run_dir", "checkpoint", "summary", "seconds"} of the QUALITY run on the training shards."""
+    import time
+
+    import torch
+
+    from trainer.config import load_train_config
+    from trainer.loop import train
+
+    run_dir = tmp_path_factory.mktemp("quality_vae") / "vae"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)   # see one_torch_thread
+    tic = time.perf_counter()
+    try:
+        summary = train(load_train_config("vecset_vae_debug", [f"data.path={train_shards}", f"run.dir={run_dir}",
+                                                              *QUALITY]))
+    finally:
+        torch.set_num_threads(before)
+    return {"run_dir": run_dir, "checkpoint": run_dir / "checkpoints" / "step_00000300", "summary": summary,
+            "seconds": time.perf_counter() - tic}
