@@ -27,8 +27,8 @@ import torch.distributed as dist
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config
 from trainer.engines import create_engine, shutdown_process_group
-from trainer.preemption import StopRequest
 from trainer.loop import Trainer, build_loader, make_optimizer, make_scheduler
+from trainer.preemption import StopRequest
 from trainer.tasks import BatchRandom, make_task, to_device
 
 
@@ -53,8 +53,10 @@ def setup(overrides: list[str], sgd_lr: float | None = None):
         make_sched = partial(make_scheduler, cfg=cfg.optim, max_steps=cfg.run.max_steps)
         initial = None
     else:
-        make_opt = lambda params: torch.optim.SGD(params, lr=sgd_lr)
-        make_sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        def make_opt(params):
+            return torch.optim.SGD(params, lr=sgd_lr)
+        def make_sched(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
         initial = copy.deepcopy(task.objective)   # before the engine partitions or wraps it
     model = engine.prepare(task.objective, make_opt, make_sched)
     ema = engine.make_ema(cfg.ema.decay)

@@ -13,14 +13,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from loader_fixtures import OCC_RESOLUTION, loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401
 
 from data_pipeline import make_loader
 from data_pipeline.loading.batches import BadSample, parse_task_options, sample_arrays
-from data_pipeline.preprocess.pipeline import encode_npy
 from data_pipeline.loading.loader import LoaderWarning, training_epoch_samples
+from data_pipeline.preprocess.pipeline import encode_npy
 from data_pipeline.schema import dequantize_coords, dequantize_normals, unpack_occupancy
 from data_pipeline.typed_config import ConfigError
-from loader_fixtures import OCC_RESOLUTION, loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401
 
 SMALL = dict(task="vae", num_surface=64, num_vol=16, num_near=16)
 

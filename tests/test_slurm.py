@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from multiproc import tail
+
 from trainer.checkpoint import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from multiproc import run_commands
+from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
 from trainer.config import load_train_config
 from trainer.engines import create_engine
 from trainer.loop import build_loader, train
 from trainer.tasks import make_task
-
-from multiproc import run_commands
-from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 240
@@ -325,8 +324,9 @@ def test_a_non_finite_loss_skips_the_update_under_sharded_strategies(train_shard
     """One process (a one-rank group): the NaN step is skipped and counted, the weights do not move."""
     import math
 
-    from trainer import checkpoint as ckpt
     from test_train_paths import poison_loss
+
+    from trainer import checkpoint as ckpt
 
     monkeypatch.setenv("LOCAL_RANK", "0")   # DeepSpeed sets it for a launcher-less process; keep it local
     poison_loss(monkeypatch, {1})

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import trimesh
 from mlflow.tracking import MlflowClient
+from train_fixtures import FAST, REPO, quality_vae, train_shards  # noqa: F401  (fixtures)
 
 from trainer import checkpoint as ckpt
 from trainer import commands as cli
 from trainer.config import load_train_config
 from trainer.loop import train
-
-from train_fixtures import FAST, REPO, quality_vae, train_shards  # noqa: F401  (fixtures)
 
 EVAL_IOU_MIN = 0.45   # quality_vae measured 0.56 (per shape 0.53-0.58); untrained or 2-step VAE 0.27-0.28
 

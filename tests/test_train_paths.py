@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from train_fixtures import FAST, MESHES, train_shards  # noqa: F401  (fixture)
 
 import models
 from trainer import checkpoint as ckpt
@@ -16,8 +17,6 @@ from trainer import tasks as train_steps
 from trainer.config import EngineConfig, load_train_config
 from trainer.engines import create_engine
 from trainer.loop import TrainingDiverged, train
-
-from train_fixtures import FAST, MESHES, train_shards  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -7,19 +7,16 @@ the noise away and the weak KL never pulled the std back. See models.layers.init
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+from train_fixtures import quality_vae, train_shards  # noqa: F401  (fixtures)
 
 import models
 from data_pipeline.loading.loader import make_loader
 from models.layers import POSTERIOR_INIT_LOGVAR, DiagonalGaussian
 from trainer import objectives as obj
-from trainer.inference import as_sdf, load_network
-
-from train_fixtures import quality_vae, train_shards  # noqa: F401  (fixtures)
-
+from trainer.inference import as_sdf, encode, load_network, vae_point_counts
 
 # ---------------------------------------------------------------------------
 # posterior maths (fast)
@@ -61,17 +58,19 @@ def test_a_new_vecset_vae_starts_with_a_narrow_posterior():
 # ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def volume_ious(net, shards, kind: str, num_surface: int) -> dict[str, np.ndarray]:
+def volume_ious(net, cfg, shards) -> dict[str, np.ndarray]:
     """Per training shape: IoU of the inside sets on all stored uniform volume points, decoding the
-    posterior mode and a posterior sample."""
+    posterior mode and a posterior sample. Points and sharp-edge points as the run fed its encoder."""
+    counts = vae_point_counts(cfg, net)
     loader = make_loader(shards, task="vae", batch_size=4, mode="eval", seed=0, rank=0, world_size=1,
-                         num_surface=num_surface, num_vol=1024, num_near=0)
+                         num_vol=1024, num_near=0, **counts)
     out: dict[str, list[float]] = {"mode": [], "sample": []}
     for batch in loader:
-        post = net.encode(batch["surface"], batch["surface_normal"])
+        assert batch["sharp"].shape[1] == counts["num_sharp"] > 0   # the debug preset has sharp tokens
+        post = encode(net, cfg, batch)
         valid = batch["valid"].bool()
         for name, latents in (("mode", post.mode()), ("sample", post.sample(torch.Generator().manual_seed(0)))):
-            pred = as_sdf(net.query(net.decode(latents), batch["query"]), kind)
+            pred = as_sdf(net.query(net.decode(latents), batch["query"]), cfg.vae_loss.kind)
             out[name] += obj.volume_iou(pred, batch["sdf"])[valid].tolist()
     return {k: np.array(v) for k, v in out.items()}
 
@@ -85,7 +84,7 @@ def test_vecset_vae_debug_preset_reconstructs_training_shapes_from_the_posterior
     assert last < first / 5, f"loss went from {first:.3f} to {last:.3f} only"
 
     net, cfg, _ = load_network(run_dir / "checkpoints" / "step_00000300", use_ema=True)
-    ious = volume_ious(net.eval(), train_shards, cfg.vae_loss.kind, cfg.data.options["num_surface"])
+    ious = volume_ious(net.eval(), cfg, train_shards)
     report = (f"volume IoU per shape, mode {np.round(ious['mode'], 3)}, sample {np.round(ious['sample'], 3)}; "
               f"loss {first:.3f} -> {last:.3f}; {seconds:.0f} s")
     print(report)

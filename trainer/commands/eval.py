@@ -31,13 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "points next to the reconstruction, cropped to the object")
 
 
-def _loader(args, cfg, voxel: bool):
+def _loader(args, cfg, net, voxel: bool):
     from data_pipeline.loading.loader import make_loader
+    from trainer.inference import vae_point_counts
 
-    options = dict(cfg.data.options)
-    options.update(num_surface=max(args.surface_points, options.get("num_surface", 0)))
     if voxel:
-        options.update(occupancy=True)
+        options = {**cfg.data.options, "occupancy": True}
+    else:   # the surface and sharp-edge points the run fed its encoder (sharp tokens need sharp points)
+        options = {**cfg.data.options, **vae_point_counts(cfg, net)}
+    options.update(num_surface=max(args.surface_points, options.get("num_surface", 0)))
     return make_loader(args.data, task="vae", batch_size=args.batch_size, mode="eval", seed=0, rank=0,
                        world_size=1, **options)
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.checkpoint} is a task={cfg.task} checkpoint; `shapeflow eval` needs a VAE")
     voxel = isinstance(net, models.VoxelVAE)
     rows: list[dict] = []
-    for batch in tqdm(_loader(args, cfg, voxel), desc="eval", unit="batch"):
+    for batch in tqdm(_loader(args, cfg, net, voxel), desc="eval", unit="batch"):
         rows += _evaluate_batch(net, batch, cfg, args)
         if args.max_samples and len(rows) >= args.max_samples:
             rows = rows[: args.max_samples]
