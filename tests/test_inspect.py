@@ -16,7 +16,7 @@ def test_inspect_reports_counts_keys_failures_and_writes_a_preview(loader_shards
         line = next(row for row in text.splitlines() if row.startswith(path.name))
         assert line.split()[1:4] == [str(count), str(count), "ok"], line
     total = len(stored_samples(loader_shards))
-    assert f"{len(shard_files(loader_shards))} shards, {total} samples" in text
+    assert f"{len(shard_files(loader_shards))} shards, {total} good samples" in text
     surface = next(row for row in text.splitlines() if row.startswith("surface.npy"))
     assert f"{total}/{total}" in surface and "uint16" in surface
     low, high = (float(v) for v in surface.split("[")[1].rstrip("]").split(","))
@@ -37,5 +37,6 @@ def test_inspect_flags_a_truncated_shard(shard_copy, tmp_path, capsys):
     assert cli.main(["inspect", str(shard_copy), "--out", str(tmp_path / "p.png")]) == 1
     text = capsys.readouterr().out
     line = next(row for row in text.splitlines() if row.startswith(victim.name))
-    assert "UNREADABLE" in line
-    assert f"problem shard(s): {victim}" in text
+    assert "DAMAGED" in line and "manifest" not in line.split("DAMAGED")[1], line   # counted, not a mismatch
+    problems = text.split("problem(s):")[1].splitlines()
+    assert any(row.strip().startswith(f"{victim}:") for row in problems), text   # the shard is named
