@@ -6,8 +6,6 @@ One WebDataset sample per input mesh. Coordinates are stored as uint16 over
 """
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import xxhash
 
@@ -42,24 +40,21 @@ OPTIONAL_KEYS = ("sharp_near.npy", "sharp_near_sdf.npy")
 # chosen over zlib's CRC32 because readers verify every member they read: CRC32 (~0.4 GB/s) cost
 # 36-80% of the loader's read + decode CPU, XXH3 is several times cheaper (docs/benchmarks.md).
 CHECKSUM_KEY = "xxh3_64"
-CHECKSUM_FUNCTIONS = {"xxh3_64": xxhash.xxh3_64_intdigest, "crc32": zlib.crc32}   # crc32: early preprocess-5
 
 
 def checksum(data: bytes) -> int:
     """The checksum preprocessing records for one member's bytes."""
-    return CHECKSUM_FUNCTIONS[CHECKSUM_KEY](data)
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def damaged_members(members: dict[str, bytes], meta: dict) -> list[str] | None:
     """Names of members whose bytes do not match the checksum recorded in the sample's json (``meta``);
     None when the json records no checksums. Only members present in ``members`` are checked (a
     reader may skip members it does not use); a recorded member that is present but empty counts."""
-    for key, function in CHECKSUM_FUNCTIONS.items():
-        recorded = meta.get(key)
-        if isinstance(recorded, dict):
-            return sorted(name for name, value in recorded.items()
-                          if name in members and function(members[name]) != value)
-    return None
+    recorded = meta.get(CHECKSUM_KEY)
+    if not isinstance(recorded, dict):
+        return None
+    return sorted(name for name, value in recorded.items() if name in members and checksum(members[name]) != value)
 
 
 def quantize_coords(xyz: np.ndarray) -> np.ndarray:
