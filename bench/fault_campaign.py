@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))   # run as a script: the project need not be installed
 MESHES = ("suzanne.obj", "spot.obj", "teapot.obj", "cow.obj")
 RESUME_ATTEMPTS = 3
 
