@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ from multiproc import tail
 from trainer.checkpoint import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from fault_campaign import loss_history  # noqa: E402
+
 START = ROOT / "tests" / "slurm" / "start_cluster.sh"
 STOP = ROOT / "tests" / "slurm" / "stop_cluster.sh"
 STATE_DIR = Path(os.environ.get("SHAPEFLOW_SLURM_DIR", "/tmp/shapeflow-slurm"))
@@ -221,13 +225,15 @@ def test_two_node_training_logs_one_run_and_resumes(slurm_env, preprocessed, tmp
 # ---------------------------------------------------------------------------
 
 def _loss_steps(run_dir: Path) -> list[int]:
-    if not (run_dir / "mlflow.db").exists():
-        return []
-    try:
-        client, runs = _mlflow_runs(run_dir)
-    except Exception:   # the database is being created by the job
-        return []
+    """Every logged loss step of a finished job (a step logged twice appears twice)."""
+    client, runs = _mlflow_runs(run_dir)
     return [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "loss")]
+
+
+def _last_logged_step(run_dir: Path) -> int:
+    """While the job runs: read-only from its sqlite store (an MlflowClient would create or migrate
+    the database and race the job doing the same: alembic 'expected to match one row')."""
+    return max(loss_history(run_dir), default=0)
 
 
 def _wait_for(predicate, what: str, deadline_s: float, job_id: str, env: dict):
@@ -256,7 +262,7 @@ def test_warning_signal_checkpoints_the_current_step_and_the_requeued_job_resume
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip()
-    _wait_for(lambda: max(_loss_steps(run_dir), default=0) >= 3, "step 3", JOB_DEADLINE_S, job_id, env)
+    _wait_for(lambda: _last_logged_step(run_dir) >= 3, "step 3", JOB_DEADLINE_S, job_id, env)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True, timeout=30)
     stopped = _wait_for(lambda: sorted((run_dir / "checkpoints").glob("step_*")), "the preemption checkpoint",
                         120, job_id, env)

@@ -105,6 +105,11 @@ write_config() {
     echo "SlurmdUser=root"
     echo "AuthType=auth/munge"
     echo "CryptoType=crypto/munge"
+    # a requeued job may start again only cred_expire seconds after it stopped (default 120 s, the
+    # bulk of the preemption test's time); 20 s still covers a step launch on a loaded machine.
+    # bf_interval: the backfill pass that starts it comes every 2 s instead of 30 s.
+    echo "AuthInfo=cred_expire=20"
+    echo "SchedulerParameters=bf_interval=2"
     echo "StateSaveLocation=$STATE_DIR/ctld"
     echo "SlurmctldPidFile=$STATE_DIR/slurmctld.pid"
     echo "SlurmctldLogFile=$STATE_DIR/slurmctld.log"
