@@ -80,3 +80,11 @@ def small_shards(tmp_path_factory) -> Path:
                    "--workers", "2", "--no-progress", "shard_max_samples=2"])
     assert rc == 0, f"shapeflow preprocess exited with {rc}"
     return out
+
+
+# The shared fixtures of loader_fixtures.py and train_fixtures.py are registered here, once. A test
+# module that imports a fixture function gets its own definition of it, so a session-scoped fixture
+# imported by twelve modules was built twelve times (preprocessing, a 300-step training run); test
+# modules take these by argument name and do not import them.
+from loader_fixtures import loader_shards, shard_copy  # noqa: E402, F401
+from train_fixtures import one_torch_thread, quality_vae, train_shards  # noqa: E402, F401

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
-from train_fixtures import one_torch_thread, train_shards  # noqa: F401  (fixtures)
 
 from data_pipeline.loading.loader import make_loader
 from trainer import checkpoint as ckpt

@@ -11,7 +11,7 @@ import pytest
 import torch
 import trimesh
 from safetensors.torch import load_file
-from train_fixtures import FAST, train_shards  # noqa: F401  (fixture)
+from train_fixtures import FAST
 
 from trainer import checkpoint as ckpt
 from trainer import commands as cli

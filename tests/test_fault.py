@@ -13,7 +13,7 @@ import time
 
 import pytest
 from multiproc import Ranks
-from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
+from train_fixtures import FAST, REPO, free_port
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 30          # engine.timeout_s of the run (start-up of a loaded 2-core machine must fit in it)

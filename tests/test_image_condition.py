@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_fixtures import FAST, train_shards  # noqa: F401  (fixture)
+from train_fixtures import FAST
 
 import models
 from data_pipeline.typed_config import ConfigError

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.image
-from loader_fixtures import loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401 (fixtures)
+from loader_fixtures import shard_files, stored_samples
 
 from trainer import commands as cli
 

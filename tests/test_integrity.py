@@ -10,7 +10,7 @@ import tarfile
 import warnings
 from pathlib import Path
 
-from loader_fixtures import loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401
+from loader_fixtures import shard_files, stored_samples
 
 from data_pipeline import make_loader
 from data_pipeline.loading.loader import LoaderWarning

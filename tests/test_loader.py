@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from loader_fixtures import OCC_RESOLUTION, loader_shards, shard_copy, shard_files, stored_samples  # noqa: F401
+from loader_fixtures import OCC_RESOLUTION, shard_files, stored_samples
 
 from data_pipeline import make_loader
 from data_pipeline.loading.batches import BadSample, parse_task_options, sample_arrays

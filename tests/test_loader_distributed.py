@@ -15,7 +15,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-from loader_fixtures import loader_shards, stored_samples  # noqa: F401 (fixture)
+from loader_fixtures import stored_samples
 from multiproc import spawn_ranks
 
 WORLD = 2

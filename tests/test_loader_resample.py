@@ -6,7 +6,6 @@ import itertools
 
 import numpy as np
 import pytest
-from loader_fixtures import loader_shards  # noqa: F401  (fixture)
 
 from data_pipeline import make_loader
 from data_pipeline.loading.batches import fresh_fps_indices

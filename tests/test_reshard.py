@@ -6,7 +6,7 @@ import collections
 import json
 
 import numpy as np
-from loader_fixtures import loader_shards, stored_samples  # noqa: F401
+from loader_fixtures import stored_samples
 
 from data_pipeline import make_loader
 from data_pipeline.preprocess.pipeline import encode_npy

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trimesh
 from mlflow.tracking import MlflowClient
-from train_fixtures import FAST, REPO, quality_vae, train_shards  # noqa: F401  (fixtures)
+from train_fixtures import FAST, REPO
 
 from trainer import checkpoint as ckpt
 from trainer import commands as cli

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from multiproc import run_commands, spawn_ranks
-from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
+from train_fixtures import FAST, REPO, free_port
 
 from trainer import checkpoint as ckpt
 from trainer.config import load_train_config

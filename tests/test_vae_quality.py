@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from train_fixtures import quality_vae, train_shards  # noqa: F401  (fixtures)
 
 import models
 from data_pipeline.loading.loader import make_loader
