@@ -87,4 +87,4 @@ def small_shards(tmp_path_factory) -> Path:
 # imported by twelve modules was built twelve times (preprocessing, a 300-step training run); test
 # modules take these by argument name and do not import them.
 from loader_fixtures import loader_shards, shard_copy  # noqa: E402, F401
-from train_fixtures import one_torch_thread, quality_vae, train_shards  # noqa: E402, F401
+from train_fixtures import accelerate_finetunes, one_torch_thread, quality_vae, train_shards  # noqa: E402, F401

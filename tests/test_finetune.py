@@ -1,15 +1,12 @@
 """Fine-tuning an imported release: `shapeflow import` -> `shapeflow train model.init_from=FILE` under
-FSDP2 and ZeRO-2 (2 gloo processes) -> resume -> `shapeflow export --format` back to the anchor layout."""
+FSDP2 and ZeRO-2 (2 gloo processes, started by `accelerate launch` with the bundled accelerate configs)
+-> resume under torchrun -> `shapeflow export --format` back to the anchor layout. The runs are
+train_fixtures.AccelerateFinetunes, shared with test_strategies' accelerate-config test."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import FAST, REPO, train_shards  # noqa: F401  (fixture)
+from train_fixtures import ACCELERATE_CONFIGS
 
 import models
 from trainer import checkpoint as ckpt
@@ -17,29 +14,13 @@ from trainer import commands as cli
 from trainer import interop, load_network
 
 pytestmark = pytest.mark.slow
-TIMEOUT_S = 400   # two train runs per strategy; DeepSpeed start-up is slow on a loaded 2-core machine
-HUNYUAN = Path(__file__).parent / "data" / "anchors" / "hunyuan3d-2.1-vae"
-STRATEGIES = {"fsdp2": ["engine.strategy=fsdp2"], "zero2": ["engine.strategy=deepspeed", "engine.zero_stage=2"]}
 
 
-def train_two_ranks(args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer.commands", "train", "vecset_vae_debug", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-
-
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_imported_vae_finetunes_resumes_and_exports(train_shards, tmp_path, strategy):
-    imported = tmp_path / "hy.safetensors"
-    assert cli.main(["import", "hunyuan3d-2.1-vae", str(HUNYUAN), "--out", str(imported)]) == 0
-    run = tmp_path / "run"
-    common = [f"data.path={train_shards}", f"run.dir={run}", *FAST, "run.eval_every=0", "run.ckpt_every=2",
-              f"model.init_from={imported}", "ema.enabled=false", *STRATEGIES[strategy]]
-    train_two_ranks([*common, "run.max_steps=2"])
-    train_two_ranks([*common, "run.max_steps=3"])   # resume=auto picks step 2 up
+@pytest.mark.parametrize("strategy", sorted(ACCELERATE_CONFIGS))
+def test_imported_vae_finetunes_resumes_and_exports(accelerate_finetunes, tmp_path, strategy):  # noqa: F811
+    runs = accelerate_finetunes.get(strategy)
+    imported, run = runs["imported"], runs["run_dir"]
+    assert ckpt.read_meta(run / "checkpoints" / "step_00000002")["strategy"] == ACCELERATE_CONFIGS[strategy][0]
     assert ckpt.read_meta(run / "checkpoints" / "step_00000003")["step"] == 3
     start, tuned = load_network(imported), load_network(run)
     assert type(tuned) is type(start) and tuned.config == start.config   # the imported architecture

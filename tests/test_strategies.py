@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from multiproc import run_commands
-from train_fixtures import FAST, REPO, free_port, train_shards  # noqa: F401  (fixture)
+from train_fixtures import ACCELERATE_CONFIGS, FAST, REPO, free_port, saved_engine
 
 from trainer.config import load_train_config
 from trainer.engines import create_engine
@@ -216,59 +216,22 @@ def test_gradients_match_one_process_after_one_micro_batch_and_after_accumulatio
             torch.testing.assert_close(saved["ema"][name], blend, rtol=1e-5, atol=1e-6, msg=f"{job} EMA {name}")
 
 
-LAUNCH_CONFIGS = {"zero2": ("deepspeed", "configs/accelerate/zero2.yaml"),
-                  "fsdp2": ("fsdp2", "configs/accelerate/fsdp2.yaml")}
-
-
-def launch_train(launcher: list[str], config: str, overrides: list[str], log_dir: Path) -> str:
-    """Run one launcher command to exit code 0 (bounded); returns its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", *launcher, "-m", "trainer.commands", "train", config, *overrides]
-    ranks = run_commands([cmd], envs=[env], cwd=REPO, log_dir=log_dir, timeout_s=TIMEOUT_S)   # exit code 0
-    return ranks.output(0, 100_000)
-
-
-def saved_engine(run_dir: Path, step: int) -> dict:
-    """engine.strategy / zero_stage as run.dir/config.yaml, the checkpoint and the MLflow params say."""
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.get_run(meta["mlflow_run_id"])
-    keys = ("strategy", "zero_stage")
-    return {"config.yaml": tuple(yaml.safe_load((run_dir / "config.yaml").read_text())["engine"][k] for k in keys),
-            "checkpoint": tuple(yaml.safe_load((checkpoint / "config.yaml").read_text())["engine"][k] for k in keys),
-            "mlflow": tuple(run.data.params[f"engine.{k}"] for k in keys),
-            "meta": (meta["strategy"], meta["world_size"]), "tags": run.data.tags,
-            "resolved_from": meta["resolved_from"]}
-
-
-@pytest.mark.parametrize("name", sorted(LAUNCH_CONFIGS))
-def test_accelerate_launch_config_is_saved_as_run_and_reruns_under_torchrun(train_shards, tmp_path, name):
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_launch_config_is_saved_as_run_and_reruns_under_torchrun(accelerate_finetunes, name):  # noqa: F811
     """`accelerate launch --config_file configs/accelerate/<name>.yaml` runs `shapeflow train` with that
     strategy on 2 CPU processes (our engine wraps the model; accelerate only starts the processes), saves
-    the strategy it ran everywhere, and the saved config.yaml resumes under torchrun with that strategy."""
-    strategy, config = LAUNCH_CONFIGS[name]
+    the strategy it ran everywhere, and the saved config.yaml resumes under torchrun with that strategy.
+    (The runs fine-tune an imported release: train_fixtures.AccelerateFinetunes, shared with test_finetune.)"""
+    strategy = ACCELERATE_CONFIGS[name][0]
     stage = 2 if strategy == "deepspeed" else None
-    run_dir = tmp_path / "run"
-    launch_train(["accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-                  "--main_process_port", str(free_port())], "vecset_vae_debug",
-                 [f"data.path={train_shards}", f"run.dir={run_dir}", *FAST, "run.max_steps=2", "run.ckpt_every=2",
-                  "run.eval_every=0"], tmp_path / "accelerate_logs")
-    saved = saved_engine(run_dir, 2)
+    runs = accelerate_finetunes.get(name)
+    run_dir, output, saved = runs["run_dir"], runs["torchrun_output"], runs["after_accelerate"]
     assert saved["meta"] == (strategy, 2)
     assert saved["config.yaml"] == saved["checkpoint"] == (strategy, stage)
     assert saved["mlflow"] == (strategy, str(stage))
     assert saved["tags"]["shapeflow.resolved_from.engine.strategy"].startswith("accelerate config (ACCELERATE_USE_")
     assert saved["resolved_from"]["world_size"] == "accelerate (WORLD_SIZE=2)"
-    assert "resolved from" in (run_dir / "config.yaml").read_text()
-    output = launch_train(["torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port())], str(run_dir / "config.yaml"),
-                          ["run.max_steps=3"], tmp_path / "torchrun_logs")
+    assert "resolved from" in saved["config.yaml text"]
     assert "done at step 3" in output
     resumed = saved_engine(run_dir, 3)
     assert resumed["meta"] == (strategy, 2) and resumed["checkpoint"] == (strategy, stage)
