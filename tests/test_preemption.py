@@ -41,28 +41,37 @@ def wait_until(predicate, proc: subprocess.Popen, what: str) -> None:
     pytest.fail(f"{what} not seen (rc {proc.poll()})")
 
 
-@pytest.mark.parametrize("target, sig", [("launcher", signal.SIGTERM), ("rank 1", signal.SIGUSR1)])
-def test_stop_signal_checkpoints_the_current_step_and_resume_continues_there(shards, tmp_path, target, sig):
-    run_dir = tmp_path / "run"
-    cmd = campaign.train_cmd(shards, run_dir, steps=500, ckpt_every=1000)
-    log = tmp_path / "train.log"
+def stop_run(shards: Path, run_dir: Path, log: Path, target: str, sig: signal.Signals, done: int) -> int:
+    """Start (or resume) a 500-step run, send SIG to TARGET once two steps after step DONE are logged;
+    checks that every rank stopped at the same step after checkpointing it, and returns that step."""
+    before = set((run_dir / "checkpoints").glob("step_*"))
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=campaign.env(), cwd=REPO, stdout=out, stderr=out)
+        proc = subprocess.Popen(campaign.train_cmd(shards, run_dir, steps=500, ckpt_every=1000),
+                                env=campaign.env(), cwd=REPO, stdout=out, stderr=out)
         ranks: dict[int, int] = {}
         wait_until(lambda: len(ranks.update(campaign.workers(proc.pid)) or ranks) == 2, proc, "two workers")
-        wait_until(lambda: len(campaign.loss_history(run_dir)) >= 2, proc, "two logged steps")
+        wait_until(lambda: len(campaign.loss_history(run_dir)) >= done + 2, proc, "two logged steps")
         if target == "launcher":
             proc.send_signal(sig)     # torchrun passes SIGTERM on to both workers
         else:
             os.kill(ranks[1], sig)    # rank 0 learns of it in the next step's all-reduce
         proc.wait(timeout=DEADLINE_S)
     text = log.read_text()
-    stopped = sorted((run_dir / "checkpoints").glob("step_*"))
+    stopped = sorted(set((run_dir / "checkpoints").glob("step_*")) - before)
     assert len(stopped) == 1, text[-3000:]
     step = json.loads((stopped[0] / "meta.json").read_text())["step"]
-    assert 1 <= step < 500, text[-3000:]
+    assert done < step < 500, text[-3000:]
     assert text.count(f"at step {step} after writing its checkpoint") == 2, text[-3000:]   # every rank, same step
     assert f"stopped by {sig.name} at step {step}" in text, text[-3000:]
+    return step
+
+
+def test_stop_signals_checkpoint_the_current_step_and_resume_continues_there(shards, tmp_path):
+    """SIGTERM to the launcher stops a run; its resumption is stopped by SIGUSR1 to rank 1 alone (one
+    launch fewer than two separate runs); the last resumption finishes and every step was logged."""
+    run_dir, step = tmp_path / "run", 0
+    for n, (target, sig) in enumerate([("launcher", signal.SIGTERM), ("rank 1", signal.SIGUSR1)]):
+        step = stop_run(shards, run_dir, tmp_path / f"train-{n}.log", target, sig, done=step)
     resumed = subprocess.run(campaign.train_cmd(shards, run_dir, steps=step + 2, ckpt_every=1000),
                              env=campaign.env(), cwd=REPO, capture_output=True, text=True, timeout=DEADLINE_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -71,8 +80,9 @@ def test_stop_signal_checkpoints_the_current_step_and_resume_continues_there(sha
     assert sorted(losses) == list(range(1, step + 3))
 
 
-def test_fault_campaign_reduced(tmp_path):
+def test_fault_campaign_reduced(shards, tmp_path):
     """Two trials (one kill during a checkpoint write, one at a random moment), 6 steps."""
+    (tmp_path / "shards").symlink_to(shards)   # the campaign finds its shards there and skips preprocessing
     summary = campaign.run_campaign(campaign.build_parser().parse_args(
         ["--trials", "2", "--steps", "6", "--out", str(tmp_path)]))
     assert summary["kills"] == 2 and summary["mismatching_trials"] == 0, summary
