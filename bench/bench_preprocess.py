@@ -99,7 +99,7 @@ def run_rows(name: str, mesh: trimesh.Trimesh, args, path: Path | None) -> dict:
         row.update(small_rows(mesh, args.dense_full_at, args.dense_sample))
     if args.full and path is not None:
         task = MeshTask(str(path), path.name, mesh_id(path.name, file_sha256(path)))
-        sample, row["full"] = timed(lambda: process_mesh(task, PreprocessConfig()))
+        sample, row["full"] = timed(lambda: process_mesh(task, PreprocessConfig(views=0)))   # views: bench_render.py
         quality = sample["json"]["quality"]
         row["method"], row["quality_share"] = quality["method"], quality["seconds"] / row["full"]
     return row

@@ -29,8 +29,9 @@ from data_pipeline.preprocess.sampling import (
 )
 from data_pipeline.preprocess.watertight import signed_volume
 
-PIPELINE_VERSION = "preprocess-5"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
-                                   # 4: condition views (schema v2); 5: XXH3 checksum of every member in the json
+PIPELINE_VERSION = "preprocess-6"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
+                                   # 4: condition views (schema v2); 5: XXH3 checksum of every member in the json;
+                                   # 6: vol distances off crossed cells via VolumeDistance (error <= 1e-5)
 WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
                       "shell": "eps-shell around the input + flood fill + marching cubes"}
 
@@ -100,7 +101,8 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
         # Quantise first, label the stored (dequantised) points: every stored SDF is exact for them.
         q = schema.quantize_coords(xyz)
         sample[f"{name}.npy"] = q
-        sample[f"{name}_sdf.npy"] = labeller(schema.dequantize_coords(q)).astype(np.float16)
+        sdf = labeller(schema.dequantize_coords(q), volume=name == "vol")   # docs/data.md "Volume labels"
+        sample[f"{name}_sdf.npy"] = sdf.astype(np.float16)
     clock.lap("label")
     occ_centres = schema.occupancy_grid_centers(cfg.occupancy_resolution).reshape(-1, 3)
     sample["occ.npy"] = schema.pack_occupancy(labeller.inside(occ_centres).reshape((cfg.occupancy_resolution,) * 3))

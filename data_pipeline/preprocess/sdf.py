@@ -1,8 +1,9 @@
 """Signed distances of query points to the watertight mesh (negative inside, docs/design.md section 2).
 
-* Distance: exact point-to-triangle distance (igl AABB tree) for every query. (A k-d tree over surface
-  samples or a narrow band would be cheaper for far queries in theory, but measured slower here:
-  far queries see many nearly equidistant samples.)
+* Distance: exact point-to-triangle distance (igl AABB tree, float64) for every query, except the uniform
+  volume queries (``volume=True``) whose sign comes from the grid: those use VolumeDistance (fcpw's float32
+  BVH picks the triangle, float64 distance to it; 0 <= error <= 1e-5, docs/data.md "Volume labels").
+  (A k-d tree over surface samples was measured slower: far queries see many nearly equidistant samples.)
 * Sign: a query inside a grid cell whose 8 corners agree takes their sign; the marching-cubes surface
   never enters such a cell, so this is exact. Queries in cells the surface crosses use the normal of
   their closest triangle (exact when the closest point is inside that triangle) and, when the closest
@@ -14,6 +15,7 @@ import igl
 import numpy as np
 import trimesh
 
+from data_pipeline.preprocess.volume_distance import VolumeDistance
 from data_pipeline.preprocess.watertight import GRID_HALF_EXTENT, SignedGrid, WindingNumbers, in_spatial_order
 
 FACE_INTERIOR_MARGIN = 1e-6   # barycentric margin under which a closest point counts as on an edge
@@ -30,14 +32,26 @@ class SdfLabeller:
         self.tree = igl.AABB()     # built once, queried for every point set of the sample
         self.tree.init(self.V, self.F)
         self._winding = None       # WindingNumbers, built on the first sign query that needs one
+        self._volume = None        # VolumeDistance, built on the first volume query
 
-    def __call__(self, xyz: np.ndarray) -> np.ndarray:
+    def __call__(self, xyz: np.ndarray, volume: bool = False) -> np.ndarray:
+        """``volume``: uniform volume queries, whose distances off crossed cells come from VolumeDistance."""
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)
-        distance, closest_face, closest_point = self._exact(xyz)
         inside = self._grid_sign(xyz)
         crossed = np.isnan(inside)
-        inside[crossed] = self._closest_face_sign(xyz[crossed], closest_face[crossed], closest_point[crossed])
+        exact = crossed if volume else np.ones(len(xyz), dtype=bool)
+        distance = np.empty(len(xyz))
+        distance[exact], closest_face, closest_point = self._exact(xyz[exact])
+        if volume:
+            distance[~exact] = self._volume_distance(xyz[~exact])
+        on_crossed = crossed[exact]     # crossed queries among the exact ones
+        inside[crossed] = self._closest_face_sign(xyz[crossed], closest_face[on_crossed], closest_point[on_crossed])
         return np.where(inside > 0.5, -distance, distance)
+
+    def _volume_distance(self, xyz: np.ndarray) -> np.ndarray:
+        if self._volume is None:
+            self._volume = VolumeDistance(self.V, self.F)
+        return self._volume(xyz)
 
     def distance(self, xyz: np.ndarray) -> np.ndarray:
         """float [n]: unsigned distance to the watertight surface."""

@@ -1,0 +1,64 @@
+"""The volume-label distance bound (docs/data.md "Volume labels"): VolumeDistance against igl's exact
+float64 point-to-mesh distance, on real meshes, and the labeller's volume path against its exact path."""
+from __future__ import annotations
+
+import igl
+import numpy as np
+import pytest
+from conftest import MESH_DIR, analytic_shape
+
+from data_pipeline.preprocess.config import WatertightConfig
+from data_pipeline.preprocess.mesh_io import merge_parts, normalise, read_parts
+from data_pipeline.preprocess.sdf import SdfLabeller
+from data_pipeline.preprocess.volume_distance import FLOAT32_DISTANCE_ERROR, VolumeDistance
+from data_pipeline.preprocess.watertight import make_watertight
+from data_pipeline.schema import COORD_RANGE
+
+BOUND = 2 * FLOAT32_DISTANCE_ERROR
+
+
+def exact_distance(V, F, xyz):
+    tree = igl.AABB()
+    tree.init(V, F)
+    return np.sqrt(tree.squared_distance(V, F, xyz)[0])
+
+
+def queries(mesh, rng) -> np.ndarray:
+    """Uniform volume queries plus points within ~1e-3 of the surface (near-ties between triangles)."""
+    uniform = rng.uniform(-COORD_RANGE, COORD_RANGE, size=(20_000, 3))
+    near = mesh.sample(5_000, seed=1) + rng.normal(0, 1e-3, size=(5_000, 3))
+    return np.concatenate([uniform, near])
+
+
+@pytest.mark.parametrize("name", ["fandisk.obj", "CesiumMilkTruck.glb", "Duck.glb", "wallhole.obj"])
+def test_volume_distance_within_bound_of_exact_on_real_meshes(name):
+    mesh = normalise(merge_parts(read_parts(str(MESH_DIR / name)), min_faces=4)).mesh
+    V = np.ascontiguousarray(mesh.vertices, dtype=np.float64)
+    F = np.ascontiguousarray(mesh.faces, dtype=np.int64)
+    xyz = queries(mesh, np.random.default_rng(0))
+    error = VolumeDistance(V, F)(xyz) - exact_distance(V, F, xyz)
+    assert error.min() >= -1e-12, f"{name}: below the exact distance by {-error.min():.2e}"
+    assert error.max() <= BOUND, f"{name}: above the exact distance by {error.max():.2e} > {BOUND:.0e}"
+
+
+def test_node_upper_bound_is_never_below_the_exact_distance():
+    mesh = normalise(merge_parts(read_parts(str(MESH_DIR / "spot.obj")), min_faces=4)).mesh
+    V, F = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces, dtype=np.int64)
+    xyz = np.random.default_rng(2).uniform(-1.2, 1.2, size=(5_000, 3))   # also outside the node grid
+    bound = VolumeDistance(V, F)._upper_bound(xyz)
+    assert (bound >= exact_distance(V, F, xyz) - 1e-12).all()
+
+
+def test_labeller_volume_path_keeps_signs_and_crossed_cells_exact():
+    mesh = analytic_shape("torus").mesh
+    result = make_watertight(mesh, WatertightConfig(resolution=32, coarse_resolution=8))
+    labeller = SdfLabeller(result.mesh, result.grid)
+    rng = np.random.default_rng(3)
+    xyz = np.concatenate([rng.uniform(-COORD_RANGE, COORD_RANGE, size=(20_000, 3)),
+                          result.mesh.sample(2_000, seed=4) + rng.normal(0, 0.01, size=(2_000, 3))])
+    exact, volume = labeller(xyz), labeller(xyz, volume=True)
+    assert (np.sign(exact) == np.sign(volume)).all()
+    assert np.abs(volume - exact).max() <= BOUND
+    crossed = np.isnan(labeller._grid_sign(xyz))
+    assert crossed.sum() > 100 and (volume[crossed] == exact[crossed]).all()
+    assert labeller(xyz[:0], volume=True).shape == (0,)
