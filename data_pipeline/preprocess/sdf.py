@@ -50,7 +50,7 @@ class SdfLabeller:
 
     def _volume_distance(self, xyz: np.ndarray) -> np.ndarray:
         if self._volume is None:
-            self._volume = VolumeDistance(self.V, self.F)
+            self._volume = VolumeDistance(self.V, self.F, exact=self.distance)
         return self._volume(xyz)
 
     def distance(self, xyz: np.ndarray) -> np.ndarray:

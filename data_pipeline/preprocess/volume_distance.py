@@ -4,12 +4,15 @@ AABB tree (which spends ~40 µs on a query far from the surface). Contract: docs
 1. fcpw's vectorised BVH (float32) picks the closest triangle of each query. Its search radius starts at
    an upper bound: the distance from the query to the closest surface points of the 8 corners of its
    cell in a coarse node grid (any surface point bounds the distance from above, so this is always valid).
-2. The distance to the picked triangle is recomputed in float64.
+2. The distance to the picked triangle is recomputed in float64 (trimesh). Where it differs from fcpw's
+   own float32 distance by more than RECHECK (trimesh's closest point is wrong on sliver triangles:
+   4.5e-5 seen on a marching-cubes sliver), the query is answered by the exact float64 search instead.
 
-Bound: d_exact <= d <= d_exact + 2 * FLOAT32_DISTANCE_ERROR. The lower side is proven (d is the distance
-to a real triangle); the upper follows when each float32 distance fcpw compares is within
-FLOAT32_DISTANCE_ERROR of its float64 value, an error measured here (not derived): at most 2.2e-6 on
-real meshes. tests/test_volume_distance.py checks both sides against igl's exact float64 distances.
+Bound: d_exact <= d <= d_exact + 2 * FLOAT32_DISTANCE_ERROR. The lower side holds because d is the
+float64 distance to a real triangle (checked against fcpw's within RECHECK); the upper follows when
+each float32 distance fcpw compares is within FLOAT32_DISTANCE_ERROR of its float64 value, an error
+measured here (not derived): at most 2.2e-6 on real meshes. tests/test_volume_distance.py checks both
+sides against igl's exact float64 distances.
 """
 from __future__ import annotations
 
@@ -22,14 +25,16 @@ from data_pipeline.schema import COORD_RANGE
 
 NODE_CELLS = 8                  # coarse node grid over [-COORD_RANGE, COORD_RANGE]^3 (9^3 exact node queries)
 FLOAT32_DISTANCE_ERROR = 5e-6   # |float32 - float64| distance in fcpw for coordinates <= 1.05 (measured <= 2.2e-6)
+RECHECK = 1e-6                  # float64 vs float32 distance to the picked triangle above this: exact search
 RADIUS_SLACK = 1e-5             # widens the seeded radius past float32 rounding of the bound itself
 
 
 class VolumeDistance:
-    """``distance(xyz) -> float64 [n]`` to the triangles (V [v, 3], F [f, 3]); build once, query often."""
+    """``distance(xyz) -> float64 [n]`` to the triangles (V [v, 3], F [f, 3]); build once, query often.
+    ``exact(xyz) -> float64 [n]``: the exact search (igl) used where the float64 recomputation is unsafe."""
 
-    def __init__(self, V: np.ndarray, F: np.ndarray) -> None:
-        self.V, self.F = V, F
+    def __init__(self, V: np.ndarray, F: np.ndarray, exact) -> None:
+        self.V, self.F, self.exact = V, F, exact
         self.scene = fcpw.scene_3D()
         self.scene.set_object_count(1)
         self.scene.set_object_vertices(np.asfortranarray(V, dtype=np.float32), 0)
@@ -42,25 +47,31 @@ class VolumeDistance:
             return np.zeros(0)
         order = spatial_order(xyz)          # Morton order: neighbouring queries share BVH nodes
         query = np.ascontiguousarray(xyz[order], dtype=np.float64)
-        face = self._closest_faces(query, self._upper_bound(query))
+        face, float32_distance = self._closest_faces(query, self._upper_bound(query))
         closest = trimesh.triangles.closest_point(self.V[self.F[face]], query)
+        found = np.linalg.norm(query - closest, axis=1)
+        unsafe = np.abs(found - float32_distance) > RECHECK
+        if unsafe.any():
+            found[unsafe] = self.exact(query[unsafe])
         distance = np.empty(len(xyz))
-        distance[order] = np.linalg.norm(query - closest, axis=1)
+        distance[order] = found
         return distance
 
-    def _closest_faces(self, query: np.ndarray, radius: np.ndarray) -> np.ndarray:
-        """int64 [n]: fcpw's closest triangle within ``radius`` (re-searched unbounded if none is found)."""
-        face = self._search(query, radius)
+    def _closest_faces(self, query: np.ndarray, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int64 [n] closest triangle within ``radius`` (re-searched unbounded if none is found) and
+        fcpw's float32 distance to it [n]."""
+        face, distance = self._search(query, radius)
         missed = face < 0
         if missed.any():
-            face[missed] = self._search(query[missed], np.full(int(missed.sum()), np.inf))
-        return face
+            face[missed], distance[missed] = self._search(query[missed], np.full(int(missed.sum()), np.inf))
+        return face, distance
 
-    def _search(self, query: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    def _search(self, query: np.ndarray, radius: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         hits = fcpw.interaction_3D_list()
         squared = np.minimum(radius * (1 + RADIUS_SLACK) + RADIUS_SLACK, 1e18) ** 2
         self.scene.find_closest_points(np.asfortranarray(query, dtype=np.float32), squared.astype(np.float32), hits)
-        return np.fromiter((hit.primitive_index for hit in hits), dtype=np.int64, count=len(query))
+        face = np.fromiter((hit.primitive_index for hit in hits), dtype=np.int64, count=len(query))
+        return face, np.fromiter((hit.d for hit in hits), dtype=np.float64, count=len(query))
 
     def _upper_bound(self, query: np.ndarray) -> np.ndarray:
         """float64 [n]: min over the 8 corners of the query's node cell of |query - closest point of corner|."""
@@ -77,6 +88,6 @@ class VolumeDistance:
     def _closest_points_of_nodes(self) -> np.ndarray:
         axis = np.linspace(-COORD_RANGE, COORD_RANGE, NODE_CELLS + 1)
         nodes = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
-        face = self._closest_faces(nodes, np.full(len(nodes), np.inf))
+        face, _ = self._closest_faces(nodes, np.full(len(nodes), np.inf))
         points = trimesh.triangles.closest_point(self.V[self.F[face]], nodes)
         return points.reshape(NODE_CELLS + 1, NODE_CELLS + 1, NODE_CELLS + 1, 3)
