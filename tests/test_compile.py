@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from train_fixtures import FAST, one_torch_thread, train_shards  # noqa: F401  (fixtures)
+from train_fixtures import FAST
 
 import models
 import trainer
