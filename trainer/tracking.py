@@ -23,6 +23,23 @@ def tracking_uri(run_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
 
 
+def create_local_store(run_dir: Path) -> None:
+    """Create ``run_dir/mlflow.db`` atomically: MLflow's schema migration runs on a temporary file
+    that is renamed into place only when complete. A job killed during the first migration (seconds
+    on a loaded machine) otherwise leaves a half-migrated database that every resume fails on
+    ("duplicate column name"); found by bench/fault_campaign.py."""
+    from mlflow.tracking import MlflowClient
+
+    final = run_dir / "mlflow.db"
+    if os.environ.get("MLFLOW_TRACKING_URI") or final.exists():
+        return
+    for stale in run_dir.glob("mlflow.db.tmp-*"):   # left by a job killed here
+        stale.unlink(missing_ok=True)
+    tmp = run_dir / f"mlflow.db.tmp-{os.getpid()}"
+    MlflowClient(tracking_uri=f"sqlite:///{tmp.resolve()}").search_experiments()   # runs the migrations
+    os.replace(tmp, final)
+
+
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
@@ -43,6 +60,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        create_local_store(self.run_dir)
         self.client = MlflowClient(tracking_uri=tracking_uri(self.run_dir))
         run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
         if run_id:
