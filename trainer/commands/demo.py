@@ -61,7 +61,7 @@ class DemoSize:
 # views: the DiT maps the training views of all 4 demo shapes to their own shape, but an unseen view only
 # when the tiny random encoder's features of it resemble those of its shape's training views, i.e. when
 # a training view is near in azimuth (16 views: sectors of 22.5 deg) and elevation; with 6 views the
-# full demo got 2 of 4 against all 15 shapes (docs/notes.md, image demo)
+# full demo got 2 of 4 against all 15 shapes, with 16 3 of 4 (docs/notes.md, image demo: a thin margin)
 FULL = DemoSize(preprocess_overrides=(), vae_steps=1500, dit_steps=2000, sample_steps=30, grid=64,
                 eval_samples=0, views=16)
 FAST = DemoSize(preprocess_overrides=("watertight.resolution=32", "watertight.coarse_resolution=16",
