@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from train_fixtures import FAST, MESHES, train_shards  # noqa: F401  (fixture)
+from train_fixtures import FAST, MESHES
 
 import models
 from trainer import checkpoint as ckpt
