@@ -59,6 +59,36 @@ def test_encoder_cache_encodes_each_view_once(tiny_dinov2):
     assert sorted(encoder.cache) == [("a", 0), ("b", 3)]
 
 
+def test_recenter_makes_the_framing_irrelevant(tiny_dinov2):
+    """condition.recenter: the same object drawn small in a corner, large in the middle or cut by the edge
+    of the picture reaches the encoder as the same crop (object box centred, the margin on each side)."""
+    sprite = torch.zeros(10, 20, 4, dtype=torch.uint8)
+    sprite[..., 0], sprite[..., 3] = 200, 255                             # a red 10 x 20 box
+    sprite[3:7, 5:9, :3] = 30                                             # with a dark spot off its centre
+
+    def drawn_at(top: int, left: int, scale: int, size: int = 112) -> torch.Tensor:
+        big = sprite.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        image = torch.zeros(1, size, size, 4, dtype=torch.uint8)
+        image[0, top:top + big.shape[0], left:left + big.shape[1]] = big[:size - top, :size - left]
+        return image
+
+    encoder = ImageEncoder(str(tiny_dinov2), image_size=56, background=(1.0, 1.0, 1.0), recenter=0.1)
+    corner, middle = encoder.preprocess(drawn_at(2, 70, 2)), encoder.preprocess(drawn_at(30, 16, 4))
+    assert (corner - middle).abs().mean() < 0.05           # measured 0.003: resampling differs, nothing else
+    white = (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    rows_of_object = (middle[0] - white.view(3, 1, 1)).abs().amax(dim=(0, 2)) > 0.5
+    drawn_rows = torch.nonzero(rows_of_object)[:, 0]
+    # the box's long side spans (1 - 2 x 0.1) of the crop: 44.8 of 56 columns; its 10 x 20 shape puts its
+    # 22.4 rows in the middle of the crop
+    assert 15 <= drawn_rows[0] <= 18 and 38 <= drawn_rows[-1] <= 40
+    plain = ImageEncoder(str(tiny_dinov2), image_size=56, background=(1.0, 1.0, 1.0))
+    assert (plain.preprocess(drawn_at(2, 70, 2)) - plain.preprocess(drawn_at(30, 16, 4))).abs().mean() > 0.3
+    cut = encoder.preprocess(drawn_at(100, 100, 2))                        # box partly outside: still a crop
+    assert cut.shape == (1, 3, 56, 56) and torch.isfinite(cut).all()
+    empty = torch.zeros(1, 112, 112, 4, dtype=torch.uint8)                 # nothing drawn: whole picture
+    assert torch.allclose(encoder.preprocess(empty), plain.preprocess(empty))
+
+
 def test_encoder_path_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="condition.image_encoder.*config.json"):
         ImageEncoder(str(tmp_path), image_size=56, background=(1.0, 1.0, 1.0))

@@ -103,6 +103,7 @@ class ConditionConfig:
     image_encoder: str = ""             # image: DINOv2 save_pretrained folder, or a hub id (downloaded by transformers)
     image_size: int = 518               # image: encoder input size (multiple of the patch size 14)
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)   # image: RGBA views are composited on this
+    recenter: Optional[float] = None    # image: crop RGBA views to the object (alpha box), this margin per side
     cache: bool = False                 # image: encode each (sample, view) once per process (in memory)
     train_views: Optional[list[int]] = None   # image: views training draws from (None: all); the rest are held out
     eval_view: int = 0                  # image: the view evaluation and --views-from use
@@ -227,6 +228,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "must be a positive multiple of 14 (the DINOv2 patch size)")
         _require(all(0.0 <= c <= 1.0 for c in cfg.condition.background), "condition.background",
                  "must be three values in [0, 1]")
+        _require(cfg.condition.recenter is None or 0.0 <= cfg.condition.recenter < 0.5, "condition.recenter",
+                 "must be empty (off) or a margin in [0, 0.5) of the crop's side")
     return cfg
 
 

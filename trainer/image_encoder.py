@@ -1,8 +1,10 @@
 """The frozen image encoder of ``condition.kind=image``: DINOv2 through ``transformers``.
 
 Views come from the loader as uint8 RGBA [B, S, S, 4] (alpha = coverage) or from a user's picture.
-Preprocessing follows the anchors: composite RGBA on a background colour, resize (bicubic, antialiased)
-to the encoder's input size, ImageNet mean/std. The condition tokens are ``last_hidden_state`` (the CLS
+Preprocessing follows the anchors: composite RGBA on a background colour, optionally recentre (crop a
+square around the object's alpha box with a margin, as Hunyuan3D-2 and TRELLIS prepare input pictures, so
+the object fills the encoder's patches however it was framed), resize (bicubic, antialiased) to the
+encoder's input size, ImageNet mean/std. The condition tokens are ``last_hidden_state`` (the CLS
 token then the patch tokens, [B, 1 + (size/14)^2, D]) layer-normalised without affine parameters, what
 the DiT's cross-attention reads.
 
@@ -33,8 +35,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ImageEncoder(nn.Module):
     """Frozen DINOv2: uint8 RGBA/RGB images [B, H, W, 3|4] -> condition tokens [B, 1 + P, D]."""
 
-    def __init__(self, source: str, image_size: int, background: tuple[float, float, float]):
+    def __init__(self, source: str, image_size: int, background: tuple[float, float, float],
+                 recenter: float | None = None):
         super().__init__()
+        self.recenter = recenter
         self.model = load_dinov2(source)
         self.model.requires_grad_(False)
         self.model.eval()
@@ -59,12 +63,35 @@ class ImageEncoder(nn.Module):
         if x.shape[1] == 4:
             alpha = x[:, 3:]
             x = x[:, :3] * alpha + self.background * (1 - alpha)
+            if self.recenter is not None:       # crops differ in size: each is resized on its own
+                x = torch.cat([self.resize(self.crop_to_object(rgb, a[0])[None]) for rgb, a in zip(x, alpha)])
         elif x.shape[1] != 3:
             raise ValueError(f"image encoder expects RGB or RGBA images [B, H, W, 3|4], got {tuple(images.shape)}")
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=True).clamp(0, 1)
-        return (x - self.mean) / self.std
+        return (self.resize(x) - self.mean) / self.std
+
+    def resize(self, x: Tensor) -> Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, 3, size, size] (bicubic, antialiased)."""
+        if x.shape[-2:] == (self.image_size, self.image_size):
+            return x
+        return F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+                             antialias=True).clamp(0, 1)
+
+    def crop_to_object(self, rgb: Tensor, alpha: Tensor) -> Tensor:
+        """Composited [3, H, W] -> [3, S, S]: the square around the box of alpha > 0, widened so that the
+        box keeps ``recenter`` of S free on each side; outside the picture is background. An empty alpha
+        (nothing drawn) keeps the whole picture."""
+        rows, cols = torch.nonzero(alpha.amax(dim=1) > 0)[:, 0], torch.nonzero(alpha.amax(dim=0) > 0)[:, 0]
+        if rows.numel() == 0:
+            return rgb
+        box = max(int(rows[-1] - rows[0]), int(cols[-1] - cols[0])) + 1
+        side = max(int(round(box / (1.0 - 2.0 * self.recenter))), 1)
+        top = (int(rows[0] + rows[-1]) + 1 - side) // 2           # centre of the box, in pixel rows
+        left = (int(cols[0] + cols[-1]) + 1 - side) // 2
+        canvas = self.background[0].expand(3, side, side).clone()
+        height, width = rgb.shape[-2:]
+        y0, y1, x0, x1 = max(top, 0), min(top + side, height), max(left, 0), min(left + side, width)
+        canvas[:, y0 - top:y1 - top, x0 - left:x1 - left] = rgb[:, y0:y1, x0:x1]
+        return canvas
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

@@ -154,7 +154,7 @@ def make_image_encoder(cfg: TrainConfig, device: torch.device):
     if cond.kind != "image":
         return None
     from trainer.image_encoder import ImageEncoder  # transformers is only imported when used
-    encoder = ImageEncoder(cond.image_encoder, cond.image_size, tuple(cond.background)).to(device)
+    encoder = ImageEncoder(cond.image_encoder, cond.image_size, tuple(cond.background), cond.recenter).to(device)
     if cond.cache:
         encoder.cache = {}
     return encoder
