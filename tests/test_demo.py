@@ -43,7 +43,7 @@ def test_demo_fast_learns_image_to_shape_and_logs_into_one_mlflow_experiment(tmp
     assert summary["nearest_correct"] == sum(row["nearest"] == row["shape"] for row in table)
     assert summary["nearest_correct"] >= 3, proc.stdout[-1500:]
     report = json.loads((out / "eval.json").read_text())
-    # --fast trains 12 steps: a pipeline check, not a quality one (test_vae_quality and test_train's
+    # --fast trains 500 steps: a pipeline check, not a quality one (test_vae_quality and test_train's
     # `shapeflow eval` of a trained VAE hold the IoU bars)
     assert report["samples"] == 2 and set(report["mean"]) >= {"iou", "chamfer", "fscore"}
 
