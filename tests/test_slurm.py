@@ -108,14 +108,11 @@ def submit_and_wait(args: list[str], env: dict, cwd: Path, expect_tasks: int = 1
                 + "\n".join(_logs(folder) for folder in outputs))
 
 
-def _logs(folder: Path) -> str:
-    """The tails of every job and node log under ``folder`` (for failure messages)."""
-    return "\n".join(f"---- {p}\n{tail(p, 4000)}" for p in sorted(folder.rglob("*.out")))
-
-
-def _whole_logs(folder: Path) -> str:
-    """Every job and node log under ``folder`` in full (for assertions on a line that may be anywhere)."""
-    return "\n".join(p.read_text(errors="replace") for p in sorted(folder.rglob("*.out")))
+def _logs(folder: Path, chars: int | None = 4000) -> str:
+    """Every job and node log under ``folder``: the last ``chars`` of each (failure messages), or all of
+    it with ``chars=None`` (assertions on a line that may be anywhere)."""
+    return "\n".join(f"---- {p}\n{tail(p, chars) if chars else p.read_text(errors='replace')}"
+                     for p in sorted(folder.rglob("*.out")))
 
 
 # ---------------------------------------------------------------------------
@@ -283,4 +280,4 @@ def test_warning_signal_checkpoints_the_current_step_and_the_requeued_job_resume
     assert sorted(set(steps)) == list(range(1, max_steps + 1)), steps
     assert len(steps) == len(set(steps)), f"steps after {step} trained twice: {steps}"
     # the whole logs: the requeued job's lines can push this one out of any fixed-size tail
-    assert "stopped by SIGTERM at step" in _whole_logs(tmp_path), _logs(tmp_path)
+    assert "stopped by SIGTERM at step" in _logs(tmp_path, chars=None), _logs(tmp_path)
