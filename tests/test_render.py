@@ -160,6 +160,23 @@ def test_textured_glb_renders_its_texture_colours():
     assert np.ptp(grey[..., :3][grey[..., 3] == 255].astype(int), axis=1).max() == 0     # untextured: neutral grey
 
 
+def test_obj_with_uvs_but_no_material_renders_neutral_grey():
+    """spot.obj has texture coordinates and no .mtl: trimesh gives it a placeholder 2x2 texture of grey
+    100/255. It must render exactly as the same geometry without any visual (the neutral grey), not
+    darker than every other uncoloured mesh."""
+    parts = read_parts(MESH_DIR / "spot.obj")
+    assert parts[0].visual.kind == "texture"          # the case under test: UVs, trimesh's placeholder material
+    bare = [trimesh.Trimesh(p.vertices, p.faces, process=False) for p in parts]
+    mesh = trimesh.util.concatenate(bare)
+    centre, scale = mesh.bounds.mean(axis=0), 1.9 / (mesh.bounds[1] - mesh.bounds[0]).max()
+    cams = cameras.sample_cameras("spot", 2, RIG)
+    got = render_views(colored_parts(parts, centre, scale), cams, SIZE)
+    want = render_views(colored_parts(bare, centre, scale), cams, SIZE)
+    for a, b in zip(got, want):
+        assert (a[..., 3] > 0).mean() > 0.02
+        np.testing.assert_array_equal(a, b)
+
+
 def test_rerun_gives_identical_pixels(view_shards, tmp_path):
     (tmp_path / "views.yaml").write_text(VIEW_CONFIG)
     rc = cli.main(["preprocess", str(MESH_DIR / "Duck.glb"), str(MESH_DIR / "spot.obj"), "--out",

@@ -8,7 +8,9 @@ colour is ``texture(uv) * corner colour``. Sources, in order:
 * glTF/GLB ``PBRMaterial``: ``baseColorTexture`` times ``baseColorFactor`` (the glTF rule);
 * OBJ+MTL ``SimpleMaterial``: the diffuse map (``map_Kd``) when present, else the diffuse colour ``Kd``;
 * vertex or face colours (``ColorVisuals``);
-* anything else: a neutral grey.
+* anything else: a neutral grey. That includes an OBJ with texture coordinates but no material (no
+  ``mtllib``, or a missing .mtl file): trimesh gives it a placeholder 2x2 texture of grey 100/255,
+  which is not the mesh's colour and would render it much darker than every other uncoloured mesh.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def _appearance(part: trimesh.Trimesh):
     visual = part.visual
     count = len(part.vertices)
     material = getattr(visual, "material", None)
-    if visual.kind == "texture" and material is not None:
+    if visual.kind == "texture" and material is not None and not _is_placeholder(material):
         image, factor = _material_colour(material)
         uv = getattr(visual, "uv", None)
         if image is not None and uv is not None and len(uv) == count:
@@ -63,6 +65,17 @@ def _appearance(part: trimesh.Trimesh):
         per_face = np.asarray(visual.face_colors, np.float32) / 255.0
         return np.repeat(per_face, 3, axis=0), None, None
     return _fill(np.array(NEUTRAL_GREY), count), None, None
+
+
+def _is_placeholder(material) -> bool:
+    """trimesh's stand-in for a missing material (``empty_material()``: a plain SimpleMaterial whose
+    image is 2x2 pixels of one default colour), not a colour the file gave."""
+    if type(material) is not trimesh.visual.material.SimpleMaterial or material.image is None:
+        return False
+    if material.image.size != (2, 2):
+        return False
+    placeholder = trimesh.visual.material.empty_material().image
+    return np.array_equal(np.asarray(material.image.convert("RGBA")), np.asarray(placeholder.convert("RGBA")))
 
 
 def _material_colour(material) -> tuple[object | None, np.ndarray]:

@@ -29,9 +29,10 @@ from data_pipeline.preprocess.sampling import (
 )
 from data_pipeline.preprocess.watertight import signed_volume
 
-PIPELINE_VERSION = "preprocess-6"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
+PIPELINE_VERSION = "preprocess-7"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
                                    # 4: condition views (schema v2); 5: XXH3 checksum of every member in the json;
-                                   # 6: vol distances off crossed cells via VolumeDistance (error <= 1e-5)
+                                   # 6: vol distances off crossed cells via VolumeDistance (error <= 1e-5);
+                                   # 7: an OBJ with UVs and no material renders neutral grey, not trimesh's placeholder
 WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
                       "shell": "eps-shell around the input + flood fill + marching cubes"}
 
