@@ -55,17 +55,22 @@ class DemoSize:
     views: int                  # condition views per mesh; the last one is held out of training
     dit_batch: int = 8          # 8 at lr 2e-3: the image -> shape map is learnt in ~800 steps on 4 shapes
     dit_lr: float = 2e-3
+    dit_model: str = ""         # model.overrides of vecset_dit_debug (width 64, depth 2 when empty)
 
 
 # --fast: 500 VAE + 800 DiT steps, ~60 CPU-s in all. At 200 VAE steps the DiT already picked the right
 # latents (3 of 4 held-out views, 4 of 4 training views, checked in latent space) but the VAE decoded every
 # latent to a similar blob: the right shape won the Chamfer table by 3-6 % and a new machine flipped it to
 # 2 of 4. At 500 steps the 3 right rows win by 2.2-3.9x (docs/notes.md, image demo).
-# views: the DiT fits the training views of all 4 demo shapes but generalises to the held-out one only
-# when the tiny random encoder's features of it resemble its shape's training views; 16 views gave 3 and
-# 1 of 4 (2 DiT seeds), 12 gave 1 of 4, 6 gave 2 of 4 (docs/notes.md, image demo): 6 stays, the cheapest
-FULL = DemoSize(preprocess_overrides=(), vae_steps=1500, dit_steps=2000, sample_steps=30, grid=64,
-                eval_samples=0, views=6)
+# views: the DiT reproduces the tiny random encoder's nearest neighbour, so the held-out view of a shape is
+# right when its raw features lie nearer that shape's training views than any other's. With 6 views per mesh
+# (60 degrees apart) that held for 10-11 of 15 shapes and the demo's table was 2 of 4; with 24 views (15
+# degrees apart) the held-out views of suzanne, teapot and cow are nearest their own shape by 2x (spot's is a
+# tie with teapot). 24 views are 4x the (view, shape) pairs to fit: the debug DiT (width 64, depth 2) missed
+# cow's training views even at 6000 steps; width 128, depth 4 at 4000 steps fits all training views and gave
+# 3 of 4 for 2 of 2 DiT seeds, the miss being spot's tie (docs/notes.md, image demo).
+FULL = DemoSize(preprocess_overrides=(), vae_steps=1500, dit_steps=4000, sample_steps=30, grid=64,
+                eval_samples=0, views=24, dit_model="{width: 128, depth: 4}")
 FAST = DemoSize(preprocess_overrides=("watertight.resolution=32", "watertight.coarse_resolution=16",
                                       "sampling.volume_points=1024", "occupancy_resolution=16"),
                 vae_steps=500, dit_steps=800, sample_steps=10, grid=32, eval_samples=2, views=6)
@@ -152,7 +157,7 @@ def dit_overrides(shards: Path, vae_ckpt: Path, size: DemoSize) -> list[str]:
     return [f"data.path={shards}", f"vae.checkpoint={vae_ckpt}", f"run.max_steps={size.dit_steps}",
             f"run.ckpt_every={size.dit_steps}", f"run.eval_every={size.dit_steps}",
             f"run.log_every={max(1, size.dit_steps // 20)}", "ema.decay=0.9", f"data.batch_size={size.dit_batch}",
-            f"optim.lr={size.dit_lr}",
+            f"optim.lr={size.dit_lr}", *([f"model.overrides={size.dit_model}"] if size.dit_model else []),
             f"eval.grid_resolution={size.grid}", f"eval.sample_steps={size.sample_steps}", "eval.num_samples=2"]
 
 
