@@ -9,18 +9,16 @@ in failures.jsonl, every other mesh was written); 2 usage or config error (nothi
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from data_pipeline.preprocess.config import PreprocessConfig
 from data_pipeline.preprocess.mesh_io import COMPANION_EXTENSIONS, MESH_EXTENSIONS
 from data_pipeline.preprocess.pipeline import MeshTask, file_sha256, mesh_id
 from data_pipeline.preprocess.shard_writer import JobOutput
 from data_pipeline.preprocess.worker_pool import Outcome, run_pool
+from data_pipeline.progress import progress
 from data_pipeline.typed_config import config_hash, to_dict
 
 # Usage and config errors (ConfigError, ValueError, FileNotFoundError) become exit code 2 in trainer.commands.
@@ -130,8 +128,7 @@ def _plan(mine, output: JobOutput):
 
 
 def _process(tasks, cfg, job: JobSpec, output: JobOutput, failures: list[str]) -> int:
-    bar = tqdm(total=len(tasks), unit="mesh", disable=not job.progress or not tasks, file=sys.stderr,
-               desc=f"preprocess job {job.index}/{job.count}")
+    bar = progress(len(tasks), f"preprocess job {job.index}/{job.count}", "mesh", enabled=job.progress and bool(tasks))
     written = 0
 
     def on_outcome(outcome: Outcome) -> None:

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from data_pipeline.progress import progress
 from data_pipeline.typed_config import ConfigError
 
 
@@ -71,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.checkpoint} is a task={cfg.task} checkpoint; `shapeflow eval` needs a VAE")
     voxel = isinstance(net, models.VoxelVAE)
     rows: list[dict] = []
-    for batch in tqdm(_loader(args, cfg, net, voxel), desc="eval", unit="batch"):
+    bar = progress(0, "eval", "batch")
+    for batch in _loader(args, cfg, net, voxel):
         rows += _evaluate_batch(net, batch, cfg, args)
+        bar.update(1)
         if args.max_samples and len(rows) >= args.max_samples:
             rows = rows[: args.max_samples]
             break
+    bar.close()
     if not rows:
         raise ValueError(f"{args.data}: no samples to evaluate")
     finite = lambda key: [r[key] for r in rows if np.isfinite(r[key])]  # noqa: E731
