@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.checkpoint} is a task={cfg.task} checkpoint; `shapeflow eval` needs a VAE")
     voxel = isinstance(net, models.VoxelVAE)
     rows: list[dict] = []
-    bar = progress(0, "eval", "batch")
-    for batch in _loader(args, cfg, net, voxel):
+    loader = _loader(args, cfg, net, voxel)
+    bar = progress(len(loader), "eval", "batch")      # an evaluation pass has a known batch count
+    for batch in loader:
         rows += _evaluate_batch(net, batch, cfg, args)
         bar.update(1)
         if args.max_samples and len(rows) >= args.max_samples:
