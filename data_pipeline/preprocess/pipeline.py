@@ -29,10 +29,11 @@ from data_pipeline.preprocess.sampling import (
 )
 from data_pipeline.preprocess.watertight import signed_volume
 
-PIPELINE_VERSION = "preprocess-7"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
+PIPELINE_VERSION = "preprocess-8"  # 2: points stored FPS order first; 3: max_deviation gate, quality record;
                                    # 4: condition views (schema v2); 5: XXH3 checksum of every member in the json;
                                    # 6: vol distances off crossed cells via VolumeDistance (error <= 1e-5);
                                    # 7: an OBJ with UVs and no material renders neutral grey, not trimesh's placeholder
+                                   # 8: every label distance via ClosestPoints (error <= 1e-5), band distances float32
 WATERTIGHT_METHODS = {"winding": "winding-number sign + narrow-band distance + marching cubes",
                       "shell": "eps-shell around the input + flood fill + marching cubes"}
 
@@ -102,7 +103,7 @@ def process_mesh(task: MeshTask, cfg: PreprocessConfig) -> dict:
         # Quantise first, label the stored (dequantised) points: every stored SDF is exact for them.
         q = schema.quantize_coords(xyz)
         sample[f"{name}.npy"] = q
-        sdf = labeller(schema.dequantize_coords(q), volume=name == "vol")   # docs/data.md "Volume labels"
+        sdf = labeller(schema.dequantize_coords(q))   # docs/data.md "Label distances"
         sample[f"{name}_sdf.npy"] = sdf.astype(np.float16)
     clock.lap("label")
     occ_centres = schema.occupancy_grid_centers(cfg.occupancy_resolution).reshape(-1, 3)

@@ -1,9 +1,8 @@
 """Signed distances of query points to the watertight mesh (negative inside, docs/design.md section 2).
 
-* Distance: exact point-to-triangle distance (igl AABB tree, float64) for every query, except the uniform
-  volume queries (``volume=True``) whose sign comes from the grid: those use VolumeDistance (fcpw's float32
-  BVH picks the triangle, float64 distance to it; 0 <= error <= 1e-5, docs/data.md "Volume labels").
-  (A k-d tree over surface samples was measured slower: far queries see many nearly equidistant samples.)
+* Distance: ClosestPoints.query for every query (fcpw's float32 BVH picks the triangle, float64 distance
+  to it; 0 <= error <= 1e-5, docs/data.md "Label distances"). (A k-d tree over surface samples was
+  measured slower: far queries see many nearly equidistant samples.)
 * Sign: a query inside a grid cell whose 8 corners agree takes their sign; the marching-cubes surface
   never enters such a cell, so this is exact. Queries in cells the surface crosses use the normal of
   their closest triangle (exact when the closest point is inside that triangle) and, when the closest
@@ -11,12 +10,11 @@
 """
 from __future__ import annotations
 
-import igl
 import numpy as np
 import trimesh
 
-from data_pipeline.preprocess.volume_distance import VolumeDistance
-from data_pipeline.preprocess.watertight import GRID_HALF_EXTENT, SignedGrid, WindingNumbers, in_spatial_order
+from data_pipeline.preprocess.closest_point import ClosestPoints
+from data_pipeline.preprocess.watertight import GRID_HALF_EXTENT, SignedGrid, WindingNumbers
 
 FACE_INTERIOR_MARGIN = 1e-6   # barycentric margin under which a closest point counts as on an edge
 
@@ -29,33 +27,20 @@ class SdfLabeller:
         self.F = np.ascontiguousarray(watertight.faces, dtype=np.int64)
         self.face_normals = np.asarray(watertight.face_normals)
         self.grid = grid
-        self.tree = igl.AABB()     # built once, queried for every point set of the sample
-        self.tree.init(self.V, self.F)
+        self.closest_points = ClosestPoints(self.V, self.F)   # built once, queried for every point set
         self._winding = None       # WindingNumbers, built on the first sign query that needs one
-        self._volume = None        # VolumeDistance, built on the first volume query
 
-    def __call__(self, xyz: np.ndarray, volume: bool = False) -> np.ndarray:
-        """``volume``: uniform volume queries, whose distances off crossed cells come from VolumeDistance."""
+    def __call__(self, xyz: np.ndarray) -> np.ndarray:
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)
         inside = self._grid_sign(xyz)
         crossed = np.isnan(inside)
-        exact = crossed if volume else np.ones(len(xyz), dtype=bool)
-        distance = np.empty(len(xyz))
-        distance[exact], closest_face, closest_point = self._exact(xyz[exact])
-        if volume:
-            distance[~exact] = self._volume_distance(xyz[~exact])
-        on_crossed = crossed[exact]     # crossed queries among the exact ones
-        inside[crossed] = self._closest_face_sign(xyz[crossed], closest_face[on_crossed], closest_point[on_crossed])
+        distance, closest_face, closest_point = self.closest_points.query(xyz)
+        inside[crossed] = self._closest_face_sign(xyz[crossed], closest_face[crossed], closest_point[crossed])
         return np.where(inside > 0.5, -distance, distance)
-
-    def _volume_distance(self, xyz: np.ndarray) -> np.ndarray:
-        if self._volume is None:
-            self._volume = VolumeDistance(self.V, self.F, exact=self.distance)
-        return self._volume(xyz)
 
     def distance(self, xyz: np.ndarray) -> np.ndarray:
         """float [n]: unsigned distance to the watertight surface."""
-        return self._exact(np.ascontiguousarray(xyz, dtype=np.float64))[0]
+        return self.closest_points.query(xyz)[0]
 
     def inside(self, xyz: np.ndarray) -> np.ndarray:
         """bool [n]: occupancy (sdf < 0) without distances: grid sign, winding number in crossed cells."""
@@ -67,14 +52,8 @@ class SdfLabeller:
 
     def closest(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Closest watertight face [n] and point [n, 3] (the labeller's tree, not a new one)."""
-        _, face, point = self._exact(np.ascontiguousarray(xyz, dtype=np.float64))
+        _, face, point = self.closest_points.query(xyz)
         return face, point
-
-    def _exact(self, xyz: np.ndarray):
-        if len(xyz) == 0:
-            return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-        sq, face, point = in_spatial_order(lambda q: self.tree.squared_distance(self.V, self.F, q), xyz)
-        return np.sqrt(sq), face, point
 
     def _grid_sign(self, xyz: np.ndarray) -> np.ndarray:
         """float [n]: 1 inside, 0 outside, NaN where the query's grid cell has corners of both signs."""
