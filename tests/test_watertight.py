@@ -4,10 +4,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import trimesh
-from conftest import ANALYTIC_SHAPES, analytic_shape
+from conftest import ANALYTIC_SHAPES, MESH_DIR, analytic_shape
 
+from data_pipeline.preprocess.closest_point import in_spatial_order
 from data_pipeline.preprocess.config import WatertightConfig
-from data_pipeline.preprocess.watertight import AmbiguousWindingError, WatertightError, make_watertight, signed_grid
+from data_pipeline.preprocess.mesh_io import merge_parts, normalise, read_parts
+from data_pipeline.preprocess.watertight import (
+    FAST_ACCURACY,
+    RECHECK_MARGIN,
+    AmbiguousWindingError,
+    MeshQueries,
+    WatertightError,
+    _cell_corners,
+    _cells_touching_surface,
+    _grid_points,
+    make_watertight,
+    signed_grid,
+)
 
 FAST = dict(coarse_resolution=16)
 
@@ -85,3 +98,22 @@ def test_narrow_band_field_equals_dense_field():
     band = np.abs(fast.field) < (cfg.band_voxels + 1) * fast.voxel * 0.999
     np.testing.assert_allclose(fast.field[band], dense.field[band], atol=1e-6)
     assert fast.winding_evaluations < 0.5 * dense.winding_evaluations
+
+
+@pytest.mark.parametrize("name", ["teapot.obj", "multibody.stl", "CesiumMilkTruck.glb", "wallhole.obj"])
+def test_two_pass_winding_numbers_decide_like_the_default_accuracy(name):
+    """Open, inconsistently oriented and large-triangle inputs: grid points near the surface (where
+    the fast pass errs most) and uniform ones. Every |w| > t decision equals the default accuracy's,
+    and the fast pass stays well inside the recheck margin."""
+    mesh = normalise(merge_parts(read_parts(str(MESH_DIR / name)), min_faces=4)).mesh
+    queries = MeshQueries(mesh)
+    grid = _grid_points(np.nonzero(_cell_corners(_cells_touching_surface(mesh, 64))), 64)
+    rng = np.random.default_rng(0)
+    xyz = np.concatenate([grid, rng.uniform(-1, 1, size=(5_000, 3))])
+    two_pass = np.abs(queries.winding(xyz))
+    bvh = queries._winding._bvh
+    default = np.abs(in_spatial_order(bvh.winding_number, xyz))
+    fast = np.abs(in_spatial_order(lambda q: bvh.winding_number(q, FAST_ACCURACY), xyz))
+    for threshold in queries.thresholds:
+        assert ((two_pass > threshold) == (default > threshold)).all(), threshold
+    assert np.abs(fast - default).max() < RECHECK_MARGIN / 2

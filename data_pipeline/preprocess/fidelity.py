@@ -43,7 +43,7 @@ class Conversion:
 
 
 def faithful_watertight(mesh: trimesh.Trimesh, cfg: PreprocessConfig) -> Conversion:
-    queries = MeshQueries(mesh)
+    queries = MeshQueries(mesh, cfg.watertight.sheet_winding)
     gate = cfg.max_deviation
     voxel = 2.0 / (gate.resolution or cfg.watertight.resolution)
     reasons = []

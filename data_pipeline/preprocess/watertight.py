@@ -94,7 +94,7 @@ def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = Fals
     R = cfg.resolution
     voxel = 2 * GRID_HALF_EXTENT / R
     eps = cfg.shell_voxels * voxel
-    queries = queries or MeshQueries(mesh)
+    queries = queries or MeshQueries(mesh, cfg.sheet_winding)
     timings: dict[str, float] = {}
     if method == "shell":
         return _shell_grid(mesh, cfg, queries, timings)
@@ -169,34 +169,55 @@ def _inside_dense(queries: MeshQueries, R: int) -> tuple[np.ndarray, _ExactPoint
     return (exact.abs_winding > 0.5).reshape((R + 1,) * 3), exact
 
 
-class WindingNumbers:
-    """Generalised winding numbers of one mesh at query points. igl.fast_winding_number(V, F, Q)
-    rebuilds its hierarchy on every call (0.6 CPU-s for a 400k-face mesh); this builds it once."""
+FAST_ACCURACY = 1.5     # igl accuracy_scale of the first pass (default 2.0): ~1.7x fewer CPU-s
+RECHECK_MARGIN = 0.1    # |w| this close to a decision threshold is evaluated again at the default accuracy
 
-    def __init__(self, V: np.ndarray, F: np.ndarray) -> None:
+
+class WindingNumbers:
+    """Generalised winding numbers of one mesh at query points, for decisions ``|w| > t`` with t in
+    ``thresholds``. igl.fast_winding_number(V, F, Q) rebuilds its hierarchy on every call (0.6 CPU-s
+    for a 400k-face mesh); this builds it once.
+
+    Two passes: igl's fast winding number at accuracy_scale FAST_ACCURACY (|error| <= 0.02 measured
+    against the exact sum on near-surface points of the bunny and CesiumMilkTruck), then the default
+    2.0 (|error| <= 0.005) for the points within RECHECK_MARGIN of a threshold. Every |w| > t decision
+    is therefore the default accuracy's, as long as the first pass errs by less than the margin (5x its
+    measured maximum); values far from every threshold keep the first pass's."""
+
+    def __init__(self, V: np.ndarray, F: np.ndarray, thresholds: tuple[float, ...] = (0.5,)) -> None:
         self._bvh = igl.FastWindingNumberBVH()
         self._bvh.init(V, F)
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
 
     def __call__(self, xyz: np.ndarray) -> np.ndarray:
         if len(xyz) == 0:
             return np.zeros(0)
-        return in_spatial_order(self._bvh.winding_number, xyz)
+        return in_spatial_order(self._two_pass, xyz)
+
+    def _two_pass(self, xyz: np.ndarray) -> np.ndarray:
+        w = self._bvh.winding_number(xyz, FAST_ACCURACY)
+        close = (np.abs(np.abs(w)[:, None] - self.thresholds) < RECHECK_MARGIN).any(axis=1)
+        if close.any():
+            w[close] = self._bvh.winding_number(np.ascontiguousarray(xyz[close]))
+        return w
 
 
 class MeshQueries:
-    """Winding numbers and unsigned distances of the input mesh at query points, with counters."""
+    """Winding numbers and unsigned distances of the input mesh at query points, with counters.
+    ``sheet_winding``: the open-sheet range of |w| (WatertightConfig), decided like |w| > 1/2."""
 
-    def __init__(self, mesh: trimesh.Trimesh) -> None:
+    def __init__(self, mesh: trimesh.Trimesh, sheet_winding: tuple[float, float] = (0.25, 0.75)) -> None:
         self.V = np.ascontiguousarray(mesh.vertices, dtype=np.float64)
         self.F = np.ascontiguousarray(mesh.faces, dtype=np.int64)
         self.winding_count = self.distance_count = 0
         self._closest = None  # ClosestPoints, built on the first distance query and reused
         self._winding = None  # WindingNumbers, built on the first winding query and reused
+        self.thresholds = (sheet_winding[0], 0.5, sheet_winding[1])
 
     def winding(self, xyz: np.ndarray) -> np.ndarray:
         self.winding_count += len(xyz)
         if self._winding is None:
-            self._winding = WindingNumbers(self.V, self.F)
+            self._winding = WindingNumbers(self.V, self.F, self.thresholds)
         return self._winding(xyz)
 
     def distance(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -306,9 +327,15 @@ def _cell_corners(cells: np.ndarray) -> np.ndarray:
 
 
 def _pool(cells: np.ndarray, factor: int) -> np.ndarray:
-    """bool [R, R, R] -> bool [R/f, R/f, R/f]: a coarse cell is marked if any fine cell in it is."""
-    r = cells.shape[0] // factor
-    return cells.reshape(r, factor, r, factor, r, factor).any(axis=(1, 3, 5))
+    """bool [R, R, R] -> bool [R/f, R/f, R/f]: a coarse cell is marked if any fine cell in it is
+    (halving one axis at a time: strided ORs, ~10x faster than a reshaped any() on 256^3)."""
+    while factor > 1:
+        for axis in range(3):
+            even, odd = [slice(None)] * 3, [slice(None)] * 3
+            even[axis], odd[axis] = slice(0, None, 2), slice(1, None, 2)
+            cells = cells[tuple(even)] | cells[tuple(odd)]
+        factor //= 2
+    return cells
 
 
 def _inside_by_refinement(queries: MeshQueries, near_cells: np.ndarray, band: np.ndarray, cfg: WatertightConfig,
