@@ -86,13 +86,17 @@ class ClosestPoints:
         face, distance = self._search(xyz, np.full(len(xyz), np.inf))
         return distance, face
 
-    def query(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """float64 distance [n] (within the bound above), closest triangle [n] and point [n, 3]."""
+    def query(self, xyz: np.ndarray, radius: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float64 distance [n] (within the bound above), closest triangle [n] and point [n, 3].
+        ``radius`` [n]: a known upper bound of each distance (inf where unknown: the node grid's)."""
         if len(xyz) == 0:
             return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros((0, 3))
         order = spatial_order(xyz)          # Morton order: neighbouring queries share BVH nodes
         query = np.ascontiguousarray(xyz[order], dtype=np.float64)
-        face, float32_distance = self._closest_faces(query, self._upper_bound(query))
+        bound = np.full(len(query), np.inf) if radius is None else np.asarray(radius, dtype=np.float64)[order]
+        unknown = np.isinf(bound)
+        bound[unknown] = self._upper_bound(query[unknown])
+        face, float32_distance = self._closest_faces(query, bound)
         point = trimesh.triangles.closest_point(self.V[self.F[face]], query)
         distance = np.linalg.norm(query - point, axis=1)
         unsafe = np.nonzero(np.abs(distance - float32_distance) > RECHECK)[0]

@@ -34,7 +34,9 @@ class SdfLabeller:
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)
         inside = self._grid_sign(xyz)
         crossed = np.isnan(inside)
-        distance, closest_face, closest_point = self.closest_points.query(xyz)
+        # The marching-cubes surface passes through every crossed cell: within one cell diagonal.
+        radius = np.where(crossed, np.sqrt(3) * self.grid.voxel, np.inf)
+        distance, closest_face, closest_point = self.closest_points.query(xyz, radius)
         inside[crossed] = self._closest_face_sign(xyz[crossed], closest_face[crossed], closest_point[crossed])
         return np.where(inside > 0.5, -distance, distance)
 
