@@ -11,6 +11,7 @@ from data_pipeline.preprocess.config import WatertightConfig
 from data_pipeline.preprocess.mesh_io import merge_parts, normalise, read_parts
 from data_pipeline.preprocess.watertight import (
     FAST_ACCURACY,
+    FIELD_CLIP_VOXELS,
     RECHECK_MARGIN,
     AmbiguousWindingError,
     MeshQueries,
@@ -95,7 +96,7 @@ def test_narrow_band_field_equals_dense_field():
     cfg = WatertightConfig(resolution=32, coarse_resolution=8)
     fast, dense = signed_grid(shape.mesh, cfg), signed_grid(shape.mesh, cfg, dense=True)
     assert ((fast.field < 0) == (dense.field < 0)).all()
-    band = np.abs(fast.field) < (cfg.band_voxels + 1) * fast.voxel * 0.999
+    band = np.abs(fast.field) < FIELD_CLIP_VOXELS * fast.voxel * 0.999
     np.testing.assert_allclose(fast.field[band], dense.field[band], atol=1e-6)
     assert fast.winding_evaluations < 0.5 * dense.winding_evaluations
 

@@ -15,7 +15,8 @@ from data_pipeline.schema import MAX_VIEWS
 class WatertightConfig:
     resolution: int = 256           # grid cells per axis over [-1, 1]^3 (power of two); voxel = 2 / resolution
     coarse_resolution: int = 32     # winding numbers are computed everywhere at this level, then refined by doubling
-    band_voxels: int = 1            # exact distances are computed this many voxels around the input surface
+    band_voxels: int = 0            # exact distances this many voxels beyond the corners of the cells the
+                                    # surface touches (corners of every crossed cell are completed anyway)
     shell_voxels: float = 1.0       # half-thickness of the shell given to open sheets (|winding| near 0.5), in voxels
     sheet_winding: tuple[float, float] = (0.25, 0.75)  # |winding number| inside this range marks an open sheet
     ambiguous_volume: float = 0.10  # above this fraction of coarse cells with an ambiguous |w| (off the surface): shell method
@@ -27,8 +28,8 @@ class WatertightConfig:
                 raise ValueError(f"watertight.{name} must be a power of two >= 8, got {value}")
         if self.coarse_resolution > self.resolution:
             raise ValueError("watertight.coarse_resolution must not exceed watertight.resolution")
-        if self.band_voxels < 1:
-            raise ValueError(f"watertight.band_voxels must be >= 1, got {self.band_voxels}")
+        if self.band_voxels < 0:
+            raise ValueError(f"watertight.band_voxels must be >= 0, got {self.band_voxels}")
 
 
 @dataclass

@@ -39,6 +39,8 @@ from data_pipeline.preprocess.closest_point import ClosestPoints, in_spatial_ord
 from data_pipeline.preprocess.config import WatertightConfig
 
 GRID_HALF_EXTENT = 1.0   # the grid spans [-1, 1]^3; normalised meshes lie in [-0.95, 0.95]^3
+FIELD_CLIP_VOXELS = 2    # the field is clipped to +-2 voxels (a crossed edge's ends lie within 1 voxel + eps)
+COMPLETION_ROUNDS = 4    # passes of _complete_crossed_cells (1-2 are needed on real meshes)
 SURFACE_SAMPLES_PER_VOXEL = 4  # density of the samples that mark the cells the surface passes through
 
 
@@ -109,14 +111,17 @@ def signed_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, dense: bool = Fals
         band = _cell_corners(_dilate(near_cells, cfg.band_voxels))
         timings["band"] = time.perf_counter() - start
         start = time.perf_counter()
-        inside, exact, ambiguous = _inside_by_refinement(queries, near_cells, band, cfg, eps)
+        inside, exact, ambiguous, wind_anywhere = _inside_by_refinement(queries, near_cells, band, cfg, eps)
         timings["sign_and_distance"] = time.perf_counter() - start
 
-    far = (cfg.band_voxels + 1) * voxel
+    far = FIELD_CLIP_VOXELS * voxel
     grid = np.where(inside, np.float32(-far), np.float32(far))   # float32 throughout: [R+1]^3 is 17M points
     _confirm_sheets(exact, queries, cfg.sheet_winding, voxel)
     grid[exact.index] = np.clip(_band_values(exact, inside[exact.index], eps, cfg.sheet_winding), -far, far)
-    _finish_field(grid, far, voxel, exact.index)
+    _set_border(grid, far)
+    _clamp_tiny(grid, voxel, exact.index)
+    if not dense:
+        exact = _complete_crossed_cells(grid, inside, exact, queries, cfg, eps, far, wind_anywhere)
     return SignedGrid(field=grid, resolution=R, band_points=len(exact.distance),
                       winding_evaluations=queries.winding_count, distance_evaluations=queries.distance_count,
                       ambiguous_volume=ambiguous, timings=timings)
@@ -144,7 +149,8 @@ def _shell_grid(mesh: trimesh.Trimesh, cfg: WatertightConfig, queries: MeshQueri
     cavity = inside[exact.index] & (values >= 0)
     values[cavity] = -values[cavity]              # ... except in an enclosed cavity, which is inside
     grid[exact.index] = np.clip(values, -far, far)
-    _finish_field(grid, far, voxel, exact.index)
+    _set_border(grid, far)
+    _clamp_tiny(grid, voxel, exact.index)
     timings["flood_fill"] = time.perf_counter() - start
     return SignedGrid(field=grid, resolution=R, band_points=len(exact.distance), winding_evaluations=0,
                       distance_evaluations=queries.distance_count, method="shell", timings=timings)
@@ -243,6 +249,14 @@ class _ExactPoints:
         self.face = np.zeros(len(self.xyz), dtype=np.int64)     # closest input face
         self.abs_winding = np.full(len(self.xyz), np.nan)
 
+    def merged(self, other: _ExactPoints) -> _ExactPoints:
+        """Both point sets in one (same resolution)."""
+        out = _ExactPoints.__new__(_ExactPoints)
+        out.index = tuple(np.concatenate(pair) for pair in zip(self.index, other.index))
+        for name in ("xyz", "distance", "face", "abs_winding"):
+            setattr(out, name, np.concatenate([getattr(self, name), getattr(other, name)]))
+        return out
+
 
 def _confirm_sheets(exact: _ExactPoints, queries: MeshQueries, sheet_winding, voxel: float) -> None:
     """A grid point lying (almost) on a closed surface also has |w| = 1/2. Such points count as an
@@ -269,18 +283,61 @@ def _band_values(exact: _ExactPoints, inside: np.ndarray, eps: float, sheet_wind
     return values
 
 
-def _finish_field(grid: np.ndarray, far: float, voxel: float, band: tuple[np.ndarray, ...]) -> None:
-    """Grid border outside (so the surface closes) and no values within 1e-4 voxel of zero: a grid
-    point on the surface would give several coincident marching-cubes vertices (degenerate,
-    non-manifold triangles). Only the ``band`` points (index arrays) hold values other than +-far."""
+def _set_border(grid: np.ndarray, far: float) -> None:
+    """Grid border outside, so the surface closes."""
     for axis in range(3):
         index = [slice(None)] * 3
         for end in (0, -1):
             index[axis] = end
             grid[tuple(index)] = far
+
+
+def _clamp_tiny(grid: np.ndarray, voxel: float, band: tuple[np.ndarray, ...]) -> None:
+    """No values within 1e-4 voxel of zero: a grid point on the surface would give several coincident
+    marching-cubes vertices (degenerate, non-manifold triangles). Only the ``band`` points (index
+    arrays) hold values other than +-far."""
     tiny = np.float32(1e-4 * voxel)
     small = np.abs(grid[band]) < tiny
     grid[tuple(i[small] for i in band)] = tiny
+
+
+def _crossed_cells(negative: np.ndarray) -> np.ndarray:
+    """bool [R]^3: cells whose 8 corners (bool [R+1]^3) do not all agree."""
+    r = negative.shape[0] - 1
+    corners = [negative[a:a + r, b:b + r, c:c + r] for a, b, c in itertools.product((0, 1), repeat=3)]
+    return np.logical_or.reduce(corners) & ~np.logical_and.reduce(corners)
+
+
+def _complete_crossed_cells(grid: np.ndarray, inside: np.ndarray, exact: _ExactPoints, queries: MeshQueries,
+                            cfg: WatertightConfig, eps: float, far: float, wind_anywhere: np.ndarray | None) -> _ExactPoints:
+    """Give every corner of every cell the zero level crosses its exact value, so marching cubes never
+    interpolates a clipped +-far. The exact band covers the corners of the cells the surface samples
+    touch; a cell the surface only clips (or an open sheet's shell one voxel out) can be missed. Such
+    corners get their distance and, like the band's points (within a voxel of the input, or anywhere in
+    ``wind_anywhere``), their winding number: |w| marks open sheets and, within a voxel, decides the
+    sign, which may correct a sign copied across that missed cell. Repeated while that changes the
+    crossed cells."""
+    R = grid.shape[0] - 1
+    voxel = 2 * GRID_HALF_EXTENT / R
+    known = np.zeros(grid.shape, dtype=bool)
+    known[exact.index] = True
+    for _ in range(COMPLETION_ROUNDS):
+        missing = _cell_corners(_crossed_cells(grid < 0)) & ~known
+        if not missing.any():
+            break
+        extra = _ExactPoints(np.nonzero(missing), R)
+        extra.distance, extra.face = queries.distance(extra.xyz)
+        close = extra.distance <= max(voxel, eps)
+        wind = close if wind_anywhere is None else close | wind_anywhere[extra.index]
+        extra.abs_winding[wind] = np.abs(queries.winding(extra.xyz[wind]))
+        inside[extra.index] = np.where(close, extra.abs_winding > 0.5, inside[extra.index])
+        _confirm_sheets(extra, queries, cfg.sheet_winding, voxel)
+        grid[extra.index] = np.clip(_band_values(extra, inside[extra.index], eps, cfg.sheet_winding), -far, far)
+        _set_border(grid, far)
+        _clamp_tiny(grid, voxel, extra.index)
+        known[extra.index] = True
+        exact = exact.merged(extra)
+    return exact
 
 
 def _grid_points(index: tuple[np.ndarray, ...], R: int) -> np.ndarray:
@@ -339,9 +396,11 @@ def _pool(cells: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _inside_by_refinement(queries: MeshQueries, near_cells: np.ndarray, band: np.ndarray, cfg: WatertightConfig,
-                          eps: float) -> tuple[np.ndarray, _ExactPoints, float]:
-    """bool [R+1]^3 inside mask, the finest-level points with exact distances (band included), and the
-    ambiguous volume fraction. Raises AmbiguousWindingError when that fraction is too large."""
+                          eps: float) -> tuple[np.ndarray, _ExactPoints, float, np.ndarray | None]:
+    """bool [R+1]^3 inside mask, the finest-level points with exact distances (band included), the
+    ambiguous volume fraction, and the points whose |w| is computed at any distance from the surface
+    (bool [R+1]^3: uncertain cells, or all when the coarse level is the finest; None: none). Raises
+    AmbiguousWindingError when that fraction is too large."""
     R = near_cells.shape[0]
     r = min(cfg.coarse_resolution, R)
     axis = np.arange(r + 1)
@@ -367,7 +426,10 @@ def _inside_by_refinement(queries: MeshQueries, near_cells: np.ndarray, band: np
         exact = _ExactPoints(np.nonzero(band), R)
         exact.distance, exact.face = queries.distance(exact.xyz)
         exact.abs_winding = np.abs(queries.winding(exact.xyz))
-    return inside, exact, ambiguous
+        return inside, exact, ambiguous, np.ones(band.shape, dtype=bool)
+    f = R // len(uncertain)
+    wind_anywhere = _cell_corners(uncertain.repeat(f, 0).repeat(f, 1).repeat(f, 2)) if uncertain.any() else None
+    return inside, exact, ambiguous, wind_anywhere
 
 
 def _ambiguous_cells(abs_w: np.ndarray, sheet_winding) -> np.ndarray:
