@@ -26,6 +26,7 @@ class SdfLabeller:
         self.V = np.ascontiguousarray(watertight.vertices, dtype=np.float64)
         self.F = np.ascontiguousarray(watertight.faces, dtype=np.int64)
         self.face_normals = np.asarray(watertight.face_normals)
+        self.watertight = watertight   # its vertex normals (trimesh caches them) for edge/vertex signs
         self.grid = grid
         self.closest_points = ClosestPoints(self.V, self.F)   # built once, queried for every point set
         self._winding = None       # WindingNumbers, built on the first sign query that needs one
@@ -80,10 +81,48 @@ class SdfLabeller:
         interior = (bary > FACE_INTERIOR_MARGIN).all(axis=1)
         along_normal = np.einsum("ij,ij->i", xyz - point, self.face_normals[face])
         result = (along_normal < 0).astype(np.float64)
-        unsafe = ~interior | (along_normal == 0)
-        if unsafe.any():
-            result[unsafe] = self._winding_inside(xyz[unsafe])
+        unsafe = np.nonzero(~interior | (along_normal == 0))[0]
+        if len(unsafe):
+            result[unsafe] = self._feature_sign(xyz[unsafe], face[unsafe], point[unsafe], bary[unsafe])
+            left = unsafe[np.isnan(result[unsafe])]
+            if len(left):
+                result[left] = self._winding_inside(xyz[left])
         return result
+
+    def _feature_sign(self, xyz, face, point, bary) -> np.ndarray:
+        """1 inside / 0 outside for queries whose closest point lies on an edge or a vertex of ``face``:
+        the sign of (query - point) against the edge's normal (sum of its two faces' normals) or the
+        vertex's angle-weighted normal, exact on a closed, consistently oriented 2-manifold (the
+        marching-cubes mesh; Baerentzen & Aanaes 2005). NaN where that cannot decide (an edge without
+        exactly one opposite face, or a query on the tangent plane): the winding number does."""
+        on = bary > FACE_INTERIOR_MARGIN                       # [n, 3] corners the point is away from
+        normal = np.full((len(xyz), 3), np.nan)
+        vertex = on.sum(axis=1) == 1
+        corner = self.F[face[vertex], np.argmax(bary[vertex], axis=1)]
+        normal[vertex] = self.watertight.vertex_normals[corner]   # angle-weighted (trimesh), cached
+        edge = np.nonzero(on.sum(axis=1) == 2)[0]
+        opposite = np.argmin(bary[edge], axis=1)               # the corner off the edge
+        a = self.F[face[edge], (opposite + 1) % 3]
+        b = self.F[face[edge], (opposite + 2) % 3]
+        twin = self._face_with_edge(b, a)                       # the other face runs the edge b -> a
+        found = twin >= 0
+        normal[edge[found]] = self.face_normals[face[edge[found]]] + self.face_normals[twin[found]]
+        along = np.einsum("ij,ij->i", xyz - point, normal)
+        return np.where(np.isnan(along) | (along == 0), np.nan, (along < 0).astype(np.float64))
+
+    def _face_with_edge(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """int [n]: the one face with the directed edge start -> end, -1 where none or several."""
+        if len(start) == 0:
+            return np.zeros(0, dtype=np.int64)
+        touching = np.nonzero(np.isin(self.F, np.unique(start), kind="table").any(axis=1))[0]
+        n = len(self.V)
+        keys = (self.F[touching] * n + self.F[touching][:, [1, 2, 0]]).ravel()   # directed edges of those faces
+        order = np.argsort(keys, kind="stable")
+        keys, owner = keys[order], np.repeat(touching, 3)[order]
+        wanted = start * n + end
+        first = np.searchsorted(keys, wanted, side="left")
+        count = np.searchsorted(keys, wanted, side="right") - first
+        return np.where(count == 1, owner[np.minimum(first, len(owner) - 1)], -1)
 
     def _winding_inside(self, xyz: np.ndarray) -> np.ndarray:
         if self._winding is None:   # built once for all point sets (closed mesh: w is 0 or 1)
