@@ -107,5 +107,6 @@ def test_edge_and_vertex_signs_equal_the_winding_number(name):
     exact = igl.winding_number(labeller.V, labeller.F, np.ascontiguousarray(xyz[on_feature])) > 0.5
     assert not np.isnan(sign).any()
     assert ((sign > 0.5) == exact).all()
-    labeller(xyz)
+    occupied = labeller.inside(xyz)
+    assert (occupied == (labeller(xyz) < 0)).all()
     assert labeller._winding is None

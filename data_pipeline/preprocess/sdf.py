@@ -30,13 +30,14 @@ class SdfLabeller:
         self.grid = grid
         self.closest_points = ClosestPoints(self.V, self.F)   # built once, queried for every point set
         self._winding = None       # WindingNumbers, built on the first sign query that needs one
+        # The marching-cubes surface passes through every crossed cell: within one cell diagonal.
+        self._crossed_radius = np.sqrt(3) * grid.voxel
 
     def __call__(self, xyz: np.ndarray) -> np.ndarray:
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)
         inside = self._grid_sign(xyz)
         crossed = np.isnan(inside)
-        # The marching-cubes surface passes through every crossed cell: within one cell diagonal.
-        radius = np.where(crossed, np.sqrt(3) * self.grid.voxel, np.inf)
+        radius = np.where(crossed, self._crossed_radius, np.inf)
         distance, closest_face, closest_point = self.closest_points.query(xyz, radius)
         inside[crossed] = self._closest_face_sign(xyz[crossed], closest_face[crossed], closest_point[crossed])
         return np.where(inside > 0.5, -distance, distance)
@@ -46,11 +47,12 @@ class SdfLabeller:
         return self.closest_points.query(xyz)[0]
 
     def inside(self, xyz: np.ndarray) -> np.ndarray:
-        """bool [n]: occupancy (sdf < 0) without distances: grid sign, winding number in crossed cells."""
+        """bool [n]: occupancy (sdf < 0): the grid's sign, the closest triangle's where a cell is crossed."""
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)
         inside = self._grid_sign(xyz)
-        crossed = np.isnan(inside)
-        inside[crossed] = self._winding_inside(xyz[crossed])
+        crossed = np.nonzero(np.isnan(inside))[0]
+        _, face, point = self.closest_points.query(xyz[crossed], np.full(len(crossed), self._crossed_radius))
+        inside[crossed] = self._closest_face_sign(xyz[crossed], face, point)
         return inside > 0.5
 
     def closest(self, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
