@@ -2,9 +2,11 @@
 machine-independent speed ratio (issue 10 measured its 13.0 CPU-s at the end of round 1, commit 180d9a6).
 
 Each version runs in its own process (a ``git worktree`` of the commit under a temporary folder),
-pinned to one core with ``taskset`` where available, libigl limited to one thread; the figure is the
-median of ``--repeats`` CPU-second timings of ``process_mesh`` at the default config (views off where
-the config has them) after one warm-up call.
+pinned to one core with ``taskset`` where available, libigl limited to one thread, timing
+``process_mesh`` at the default config (views off where the config has them) in CPU seconds after one
+warm-up call (median of ``--repeats``). The two versions alternate for ``--rounds`` rounds and the
+ratio is the median of the per-round ratios: a shared VM's speed drifts by 10-20 % over minutes,
+which alternation cancels.
 
     python bench/bench_preprocess_versions.py --commit 180d9a6 --meshes assets/meshes/stanford-bunny.obj
     python bench/bench_preprocess_versions.py --commit 180d9a6 --subdivided-bunny   # + bunny x4 (278k faces)
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,7 +72,8 @@ def main() -> int:
     parser.add_argument("--commit", default="180d9a6", help="the older version (default: end of round 1)")
     parser.add_argument("--meshes", nargs="*", default=[str(ROOT / "assets" / "meshes" / "stanford-bunny.obj")])
     parser.add_argument("--subdivided-bunny", action="store_true", help="add the bunny subdivided once (278k faces)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="timings per process (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two versions")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "old"
@@ -78,11 +82,15 @@ def main() -> int:
             meshes = [Path(m).resolve() for m in args.meshes]
             if args.subdivided_bunny:
                 meshes.append(subdivided_bunny(Path(tmp)))
-            print(f"| mesh | {args.commit} CPU-s | this tree CPU-s | ratio |\n|---|---|---|---|")
+            print(f"| mesh | {args.commit} CPU-s | this tree CPU-s | ratio (median of rounds) | ratios |\n"
+                  "|---|---|---|---|---|")
             for mesh in meshes:
-                before, after = time_version(old, mesh, args.repeats), time_version(ROOT, mesh, args.repeats)
-                print(f"| {mesh.name} | {before['median']:.2f} | {after['median']:.2f} | "
-                      f"{before['median'] / after['median']:.2f}x |", flush=True)
+                rounds = [(time_version(old, mesh, args.repeats)["median"], time_version(ROOT, mesh, args.repeats)["median"])
+                          for _ in range(args.rounds)]
+                before, after = (statistics.median(column) for column in zip(*rounds))
+                ratios = [b / a for b, a in rounds]
+                print(f"| {mesh.name} | {before:.2f} | {after:.2f} | {statistics.median(ratios):.2f}x | "
+                      f"{', '.join(f'{r:.2f}' for r in ratios)} |", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
     return 0
