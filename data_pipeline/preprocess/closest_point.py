@@ -59,9 +59,7 @@ def in_spatial_order(query, xyz: np.ndarray):
     seconds than random order for scattered queries)."""
     order = spatial_order(xyz)
     out = query(np.ascontiguousarray(xyz[order], dtype=np.float64))
-    back = np.empty_like(order)
-    back[order] = np.arange(len(order))
-    return tuple(a[back] for a in out) if isinstance(out, tuple) else out[back]
+    return tuple(_unsort(order, a) for a in out) if isinstance(out, tuple) else _unsort(order, out)
 
 
 class ClosestPoints:
