@@ -16,6 +16,7 @@ sampling counts (realistic sample sizes, ~4 MB) and a coarse watertight grid, wr
 --work and replicated to --min-mb of data.
 
 Usage:  python bench/bench_loader.py [--shards DIR] [--seconds 6] [--repeats 5] [--json out.json]
+                                    [--step-seconds vecset_vae_base=74 ...]
 """
 from __future__ import annotations
 
@@ -177,7 +178,28 @@ def bench_profile(name: str, options: dict, batch_size: int, paths: list[Path], 
     res["min_step_s_for_10x"] = 10 * batch_size / top
     print(f"10x headroom at batch {batch_size} per rank holds for training steps slower than "
           f"{10 * batch_size / top:.3f} s")
+    step_s = args.step_seconds.get(name.removesuffix("_fixed"))
+    if step_s:
+        res.update(headroom_at(step_s, batch_size, res["workers0_samples_per_s"]))
     return res
+
+
+def headroom_at(step_s: float, batch_size: int, per_process_rate: float) -> dict:
+    """The loader's headroom over a measured training step (one loader process), and the loader
+    processes per rank that give 10x (the 0-worker rate is read + decode on one core)."""
+    headroom = step_s * per_process_rate / batch_size
+    processes = int(np.ceil(10 / headroom))
+    print(f"against a {step_s:g} s step: {headroom:.1f}x headroom per loader process; "
+          f"10x needs {processes} loader process{'es' if processes > 1 else ''} per rank")
+    return {"step_s": step_s, "headroom_per_process": headroom, "processes_for_10x": processes}
+
+
+def step_seconds(text: str) -> tuple[str, float]:
+    """PROFILE=SECONDS, e.g. vecset_vae_base=0.017 (a measured step time at the profile's batch size)."""
+    name, _, value = text.partition("=")
+    if name not in PROFILES or not value:
+        raise argparse.ArgumentTypeError(f"want PROFILE=SECONDS with PROFILE one of {', '.join(PROFILES)}")
+    return name, float(value)
 
 
 def main() -> None:
@@ -189,7 +211,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per end-to-end run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--step-seconds", type=step_seconds, action="append", default=[],
+                        metavar="PROFILE=S", help="a measured training step time at the profile's batch size "
+                        "(e.g. from `shapeflow train`'s samples/s): prints the headroom and the loader "
+                        "processes per rank that give 10x; vecset_vae_base also applies to the _fixed profile")
     args = parser.parse_args()
+    args.step_seconds = dict(args.step_seconds)
 
     shard_dir = args.shards or build_shards(args.work, args.min_mb)
     paths = sorted(shard_dir.glob("*.tar"))
