@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from data_pipeline.preprocess.config import PreprocessConfig, WatertightConfig  # noqa: E402
 from data_pipeline.preprocess.mesh_io import MESH_EXTENSIONS, load_mesh, normalise  # noqa: E402
+from data_pipeline.preprocess.mesh_queries import MeshQueries  # noqa: E402
 from data_pipeline.preprocess.pipeline import MeshTask, file_sha256, mesh_id, process_mesh  # noqa: E402
-from data_pipeline.preprocess.watertight import MeshQueries, extract_surface, make_watertight, signed_grid  # noqa: E402
+from data_pipeline.preprocess.watertight import extract_surface, make_watertight, signed_grid  # noqa: E402
 
 
 def timed(fn):

@@ -9,12 +9,10 @@ from conftest import ANALYTIC_SHAPES, MESH_DIR, analytic_shape
 from data_pipeline.preprocess.closest_point import in_spatial_order
 from data_pipeline.preprocess.config import WatertightConfig
 from data_pipeline.preprocess.mesh_io import merge_parts, normalise, read_parts
+from data_pipeline.preprocess.mesh_queries import FAST_ACCURACY, RECHECK_MARGIN, MeshQueries
 from data_pipeline.preprocess.watertight import (
-    FAST_ACCURACY,
     FIELD_CLIP_VOXELS,
-    RECHECK_MARGIN,
     AmbiguousWindingError,
-    MeshQueries,
     WatertightError,
     _cell_corners,
     _cells_touching_surface,

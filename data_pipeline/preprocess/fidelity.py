@@ -19,9 +19,9 @@ import numpy as np
 import trimesh
 
 from data_pipeline.preprocess.config import DeviationGate, PreprocessConfig
+from data_pipeline.preprocess.mesh_queries import MeshQueries
 from data_pipeline.preprocess.sdf import SdfLabeller
 from data_pipeline.preprocess.watertight import (
-    MeshQueries,
     WatertightError,
     WatertightResult,
     make_watertight,

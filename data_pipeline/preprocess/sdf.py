@@ -14,7 +14,8 @@ import numpy as np
 import trimesh
 
 from data_pipeline.preprocess.closest_point import ClosestPoints
-from data_pipeline.preprocess.watertight import GRID_HALF_EXTENT, SignedGrid, WindingNumbers
+from data_pipeline.preprocess.mesh_queries import WindingNumbers
+from data_pipeline.preprocess.watertight import GRID_HALF_EXTENT, SignedGrid
 
 FACE_INTERIOR_MARGIN = 1e-6   # barycentric margin under which a closest point counts as on an edge
 
