@@ -90,9 +90,10 @@ def test_vae_run_writes_checkpoints_and_an_mlflow_run(train_shards, tmp_path, mo
     assert run.data.params["model.name"] == "vecset_vae/debug"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]
-    for key in ("lr", "samples_per_s", "grad_norm", "kl", "iou", "eval/iou", "eval/iou_vol", "eval/chamfer",
-                "eval/fscore"):
+    for key in ("lr", "samples_per_s", "data_wait", "grad_norm", "kl", "iou", "eval/iou", "eval/iou_vol",
+                "eval/chamfer", "eval/fscore"):
         assert key in run.data.metrics, key
+    assert 0.0 <= run.data.metrics["data_wait"] <= 1.0 and "data_wait_s" not in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "plots", "eval"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss_curve.png"]

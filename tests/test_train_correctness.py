@@ -209,11 +209,11 @@ def test_progress_without_a_terminal_prints_plain_lines_only_when_logging():
     for step in range(1, 21):
         progress.update()
         if step % 10 == 0:
-            progress.log(step, {"loss": 0.5 / step, "lr": 1e-3, "samples_per_s": 40.0})
+            progress.log(step, {"loss": 0.5 / step, "lr": 1e-3, "samples_per_s": 40.0, "data_wait": 0.125})
     progress.close()
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) == 2
-    assert re.fullmatch(r"step 20/300 loss 0\.025 lr 1\.00e-03 samples/s 40\.0 ETA \d+:\d\d:\d\d", lines[1])
+    assert re.fullmatch(r"step 20/300 loss 0\.025 lr 1\.00e-03 samples/s 40\.0 data wait 12% ETA \d+:\d\d:\d\d", lines[1])
 
 
 # ---------------------------------------------------------------------------
@@ -237,3 +237,37 @@ def test_scale_factor_latents_are_posterior_samples_for_latents_sample():
     expected = (mode.var() + torch.e ** 2) ** 0.5             # std of mode + e * N(0, 1)
     assert float(measured.std()) == pytest.approx(float(expected), rel=0.1)
     assert float(mode.std()) < 0.5 * float(measured.std())
+
+
+# ---------------------------------------------------------------------------
+# data wait: how long the step waited for the loader
+# ---------------------------------------------------------------------------
+
+def test_data_wait_is_the_time_optimizer_step_spends_waiting_for_batches():
+    import time
+    import types
+
+    from trainer.config import load_train_config
+    from trainer.engines import create_engine
+    from trainer.loop import Trainer, make_optimizer, make_scheduler
+    from trainer.preemption import StopRequest
+    from trainer.tasks import make_task
+    cfg = load_train_config("voxel_vae_debug", ["data.path=unused", "vae_loss.kind=occupancy", "optim.grad_accum=2"])
+    engine = create_engine(cfg.engine, cfg.precision, cfg.optim)
+    task = make_task(cfg, engine.device)
+    model = engine.prepare(task.objective, lambda p: make_optimizer(p, cfg.optim),
+                           lambda o: make_scheduler(o, cfg.optim, cfg.run.max_steps))
+    state = types.SimpleNamespace(cfg=cfg, engine=engine, task=task, model=model, step=0, stop=StopRequest(),
+                                  stop_agreed=False)
+    batch = {"occ": (torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.5).float(),
+             "id": ["a", "b"]}
+
+    def slow_loader(delay: float):
+        while True:
+            time.sleep(delay)
+            yield batch
+
+    fast, _ = Trainer.optimizer_step(state, slow_loader(0.0))
+    slow, _ = Trainer.optimizer_step(state, slow_loader(0.25))
+    assert fast["data_wait_s"] < 0.05 and fast["step_s"] > fast["data_wait_s"]
+    assert 0.5 <= slow["data_wait_s"] < slow["step_s"]         # two micro-batches, 0.25 s each

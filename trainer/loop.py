@@ -139,16 +139,17 @@ class Progress:
     def log(self, step: int, logged: dict[str, float]) -> None:
         if self.tty:
             self.bar.set_postfix(loss=f"{logged['loss']:.4g}", lr=f"{logged['lr']:.2e}",
-                                 samples_s=f"{logged['samples_per_s']:.1f}")
+                                 samples_s=f"{logged['samples_per_s']:.1f}", data_wait=f"{logged['data_wait']:.0%}")
         elif self.enabled:
             print(self.line(step, logged), file=self.stream, flush=True)
 
     def line(self, step: int, logged: dict[str, float]) -> str:
-        """``step 100/300 loss 0.1234 lr 1.00e-03 samples/s 12.3 ETA 0:01:40`` (ETA from this run's pace)."""
+        """``step 100/300 loss 0.1234 lr 1.00e-03 samples/s 12.3 data wait 4% ETA 0:01:40`` (ETA from this
+        run's pace; data wait: the share of step time spent waiting for the loader)."""
         per_step = (time.perf_counter() - self.started) / max(1, step - self.start_step)
         eta = datetime.timedelta(seconds=round(per_step * (self.max_steps - step)))
         return (f"step {step}/{self.max_steps} loss {logged['loss']:.4g} lr {logged['lr']:.2e} "
-                f"samples/s {logged['samples_per_s']:.1f} ETA {eta}")
+                f"samples/s {logged['samples_per_s']:.1f} data wait {logged['data_wait']:.0%} ETA {eta}")
 
     def note(self, text: str) -> None:
         """One line of its own (above the bar on a terminal)."""
@@ -207,8 +208,12 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         accum = cfg.optim.grad_accum
         totals: dict[str, float] = defaultdict(float)
+        started = time.perf_counter()
         for micro in range(accum):
-            batch = to_device(next(batches), engine.device)
+            waited = time.perf_counter()
+            batch = next(batches)
+            totals["data_wait_s"] += time.perf_counter() - waited   # the loader did not keep up for this long
+            batch = to_device(batch, engine.device)
             rand = BatchRandom(cfg.run.seed, self.step, micro, engine.rank, engine.world_size,
                                len(batch["id"]), engine.device)
             with engine.accumulate(sync=micro == accum - 1):
@@ -222,6 +227,7 @@ class Trainer:
         loss_ok, self.stop_agreed = agreed["finite"] == 1.0, agreed["stop"] > 0
         grad_norm, applied = engine.step(cfg.optim.clip_grad_norm, skip=not loss_ok)
         totals["grad_norm"] = grad_norm if math.isfinite(grad_norm) else 0.0
+        totals["step_s"] = time.perf_counter() - started
         return dict(totals), applied
 
     def save(self) -> None:
@@ -267,6 +273,7 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
                 logged = window.reduce(engine)
+                logged["data_wait"] = logged.pop("data_wait_s") / max(logged.pop("step_s"), 1e-9)
                 logged.update(self.data_counts())
                 logged.update(lr=engine.lr(), skipped_steps=float(guard.skipped),
                               samples_per_s=samples_per_step * cfg.run.log_every / max(elapsed, 1e-9))
