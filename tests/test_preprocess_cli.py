@@ -60,6 +60,15 @@ def test_bundled_real_and_broken_meshes(tmp_path):
     assert all(s["vol_sdf.npy"].dtype.name == "float16" and s["surface.npy"].shape[1] == 3 for s in samples)
 
 
+def test_shard_members_have_plain_ustar_headers(small_shards):
+    """No PAX header per member (a float mtime adds one): readers parse half the headers."""
+    import tarfile
+    for path in sorted(small_shards.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        assert members and all(m.pax_headers == {} and isinstance(m.mtime, int) for m in members)
+
+
 def test_small_shards_fixture(small_shards):
     ids = shard_ids(small_shards)
     assert len(ids) == len(set(ids)) == 4
