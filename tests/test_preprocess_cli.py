@@ -121,6 +121,28 @@ def test_job_split_is_a_disjoint_cover(tmp_path):
     assert sorted(s["name"] for s in m["shards"]) == sorted(p.name for p in out.glob("*.tar"))
 
 
+def test_shards_hold_the_same_samples_in_the_same_order_for_any_worker_count(tmp_path):
+    # the slow bunny first: two workers finish the cheap meshes before it, one worker after it
+    inputs = [MESH_DIR / "stanford-bunny.obj", *(MESH_DIR / name for name in CHEAP)]
+    orders = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        assert preprocess(*inputs, "--out", out, "--workers", workers, "shard_max_samples=2") == 0
+        orders.append(shard_ids(out))
+    assert orders[0] == orders[1] and len(orders[0]) == len(inputs)
+
+
+def test_outcomes_that_finish_early_wait_for_older_ones_in_a_bounded_buffer():
+    from data_pipeline.preprocess.worker_pool import _InputOrder
+    seen = []
+    ordered = _InputOrder(seen.append, limit=2)
+    ordered.add(2, "c")
+    ordered.add(1, "b")
+    assert seen == [] and not ordered.has_room()     # two early outcomes wait for task 0: feed no more
+    ordered.add(0, "a")
+    assert seen == ["a", "b", "c"] and ordered.has_room()
+
+
 def test_pathological_mesh_times_out_and_the_job_goes_on(tmp_path):
     # 40k random triangles filling the whole box: the narrow band becomes the whole grid (minutes).
     rng = np.random.default_rng(0)

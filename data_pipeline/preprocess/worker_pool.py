@@ -3,6 +3,11 @@
 A plain multiprocessing.Pool cannot stop one task that hangs inside C++ code; here every worker has
 its own pipe, the parent knows when each task started, and a worker that runs past the limit (or
 dies, e.g. killed for memory) is killed and replaced while the other workers carry on.
+
+Outcomes are handed on in input order, whatever order the workers finish in: the same inputs give
+shards with the same samples in the same order for any worker count, so a training run on them is
+reproducible. Outcomes that finish early wait in a bounded buffer (REORDER_AHEAD per worker); while
+it is full, idle workers wait for the oldest task instead of starting new ones.
 """
 from __future__ import annotations
 
@@ -52,10 +57,11 @@ class _Slot:
         self.process.start()
         child.close()
         self.task: MeshTask | None = None
+        self.index = -1          # the task's position in the input
         self.started = 0.0
 
-    def give(self, task: MeshTask) -> None:
-        self.task, self.started = task, time.monotonic()
+    def give(self, index: int, task: MeshTask) -> None:
+        self.index, self.task, self.started = index, task, time.monotonic()
         self.conn.send(task)
 
     def kill(self) -> None:
@@ -74,17 +80,43 @@ class _Slot:
             self.process.join()
 
 
+REORDER_AHEAD = 4   # outcomes per worker that may wait for an older, slower task
+
+
+class _InputOrder:
+    """Passes outcomes to ``on_outcome`` in input order; the ones that arrive early wait here."""
+
+    def __init__(self, on_outcome: Callable[[Outcome], None], limit: int) -> None:
+        self.on_outcome, self.limit = on_outcome, limit
+        self.waiting: dict[int, Outcome] = {}
+        self.next = 0
+
+    def add(self, index: int, outcome: Outcome) -> None:
+        self.waiting[index] = outcome
+        while self.next in self.waiting:
+            self.on_outcome(self.waiting.pop(self.next))
+            self.next += 1
+
+    def has_room(self) -> bool:
+        return len(self.waiting) < self.limit
+
+
 def run_pool(tasks: Iterable[MeshTask], cfg: PreprocessConfig, workers: int,
              on_outcome: Callable[[Outcome], None]) -> None:
-    """Process every task; ``on_outcome`` is called in this process, in completion order."""
+    """Process every task; ``on_outcome`` is called in this process, in input order."""
     ctx = mp.get_context(_start_method())
     threads = max(1, (os.cpu_count() or 1) // workers)
-    pending = list(tasks)[::-1]    # pop() from the end keeps the input order
+    pending = list(enumerate(tasks))[::-1]    # pop() from the end keeps the input order
     slots = [_Slot(ctx, cfg, threads) for _ in range(max(1, min(workers, len(pending))))] if pending else []
-    try:
+    ordered = _InputOrder(on_outcome, REORDER_AHEAD * max(1, len(slots)))
+
+    def feed_idle_slots() -> None:
         for slot in slots:
-            if pending:
-                slot.give(pending.pop())
+            if slot.task is None and pending and ordered.has_room():
+                slot.give(*pending.pop())
+
+    try:
+        feed_idle_slots()
         while any(slot.task is not None for slot in slots):
             busy = {slot.conn: slot for slot in slots if slot.task is not None}
             for conn in wait(list(busy), timeout=_time_to_deadline(busy.values(), cfg.mesh_timeout_s)):
@@ -94,19 +126,15 @@ def run_pool(tasks: Iterable[MeshTask], cfg: PreprocessConfig, workers: int,
                 except (EOFError, OSError):
                     code = slot.process.exitcode
                     outcome = Outcome(slot.task, None, f"worker process died (exit code {code}; out of memory?)")
-                    slots[slots.index(slot)] = slot = _replace(slot, ctx, cfg, threads)
-                on_outcome(outcome)
+                    slots[slots.index(slot)] = _replace(slot, ctx, cfg, threads)
                 slot.task = None
-                if pending:
-                    slot.give(pending.pop())
-            for index, slot in enumerate(slots):
+                ordered.add(slot.index, outcome)
+            for position, slot in enumerate(slots):
                 if slot.task is not None and time.monotonic() - slot.started > cfg.mesh_timeout_s:
-                    task = slot.task
-                    slots[index] = slot = _replace(slot, ctx, cfg, threads)
-                    on_outcome(Outcome(task, None, f"timeout: still running after {cfg.mesh_timeout_s:g} s "
-                                                   f"(mesh_timeout_s)"))
-                    if pending:
-                        slot.give(pending.pop())
+                    slots[position] = _replace(slot, ctx, cfg, threads)
+                    ordered.add(slot.index, Outcome(slot.task, None, f"timeout: still running after "
+                                                                     f"{cfg.mesh_timeout_s:g} s (mesh_timeout_s)"))
+            feed_idle_slots()
     finally:
         for slot in slots:
             slot.stop()
