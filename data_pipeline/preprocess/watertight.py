@@ -373,9 +373,7 @@ def _inside_by_refinement(queries: MeshQueries, near_cells: np.ndarray, band: np
         finest = 2 * r == R
         # Cells without surface and with unambiguous corners have a smooth w far from 1/2: agreeing
         # corners decide them. Uncertain cells get a winding number at every finer point.
-        f = r // len(uncertain)
-        up = uncertain.repeat(f, 0).repeat(f, 1).repeat(f, 2)
-        inside, exact = _refine(inside, _pool(near_cells, R // r), up, queries,
+        inside, exact = _refine(inside, _pool(near_cells, R // r), _blocks(uncertain, r // len(uncertain)), queries,
                                 band if finest else None, eps if finest else 0.0)
         r *= 2
     if exact is None:  # coarse level == finest level: everything was evaluated
@@ -383,8 +381,7 @@ def _inside_by_refinement(queries: MeshQueries, near_cells: np.ndarray, band: np
         exact.distance, exact.face = queries.distance(exact.xyz)
         exact.abs_winding = np.abs(queries.winding(exact.xyz))
         return inside, exact, ambiguous, np.ones(band.shape, dtype=bool)
-    f = R // len(uncertain)
-    wind_anywhere = _cell_corners(uncertain.repeat(f, 0).repeat(f, 1).repeat(f, 2)) if uncertain.any() else None
+    wind_anywhere = _cell_corners(_blocks(uncertain, R // len(uncertain))) if uncertain.any() else None
     return inside, exact, ambiguous, wind_anywhere
 
 
@@ -392,6 +389,11 @@ def _ambiguous_cells(abs_w: np.ndarray, sheet_winding) -> np.ndarray:
     """bool [r]^3: cells with a corner whose |w| [r+1]^3 lies strictly inside the sheet range."""
     lo, hi = sheet_winding
     return _corners_any_all((abs_w > lo) & (abs_w < hi))[0]
+
+
+def _blocks(cells: np.ndarray, factor: int) -> np.ndarray:
+    """bool [r]^3 cells -> bool [factor r]^3: each cell copied to its factor^3 sub-cells (the other direction of _pool)."""
+    return cells.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
 
 
 def _upsample(cells: np.ndarray) -> np.ndarray:
